@@ -1,0 +1,3 @@
+from mmfast.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""Shared plumbing for mmfast's custom ops.
+
+Every public op is a ``torch.library`` custom op pair, ``mmfast::<op>`` and
+``mmfast::<op>_backward``, each with a fake (meta) implementation, so that code calling them
+compiles with ``torch.compile(fullgraph=True)``. The implementation of each picks its backend at
+run time (:func:`mmfast.backend.select_kernel`): a Triton launcher from ``mmfast.kernels`` or the
+reference. The reference backward is the exact vector-Jacobian product of the reference forward
+(``torch.func.vjp``, which works inside a custom op where plain autograd is switched off).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+def reference_vjp(fn: Callable, primals: Sequence[torch.Tensor | None],
+                  grads: Sequence[torch.Tensor | None], *args) -> list[torch.Tensor | None]:
+    """Gradients of ``fn(*primals, *args)`` with respect to the non-None ``primals``.
+
+    ``grads`` are the cotangents of fn's outputs (one tensor, or one per output of a tuple);
+    a None cotangent counts as zeros. Returns one entry per primal, None where it was None.
+    """
+    present = [i for i, p in enumerate(primals) if p is not None]
+
+    def call(*live):
+        full = list(primals)
+        for i, t in zip(present, live):
+            full[i] = t
+        return fn(*full, *args)
+
+    outputs, pull = torch.func.vjp(call, *[primals[i] for i in present])
+    if isinstance(outputs, tuple):
+        cot = tuple(torch.zeros_like(o) if g is None else g.to(o.dtype)
+                    for o, g in zip(outputs, grads))
+    else:
+        g = grads[0]
+        cot = torch.zeros_like(outputs) if g is None else g.to(outputs.dtype)
+    pulled = pull(cot)
+    result: list[torch.Tensor | None] = [None] * len(primals)
+    for i, g in zip(present, pulled):
+        result[i] = g.contiguous()  # the fake implementations promise contiguous gradients
+    return result
+
+
+def absent(like: torch.Tensor) -> torch.Tensor:
+    """Stand-in for the gradient of an absent optional input (custom ops cannot return None)."""
+    return like.new_empty(0)
+
+
+def fresh(t: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    """A custom op may not return an alias of its inputs: copy only when it would."""
+    for x in inputs:
+        if x is not None and t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            return t.clone()
+    return t
+
+
+def define_op(name: str, *, args: str, differentiable: Sequence[int], reference: Callable,
+              kernel_module: str, fake_out: Callable, outputs: int = 1) -> Callable:
+    """Register ``mmfast::<name>`` and ``mmfast::<name>_backward`` from a reference.
+
+    Args:
+        args: the schema's argument list, e.g. ``"Tensor loc, Tensor log_scale, Tensor x, float
+            min_scale"``; the op is called positionally in that order.
+        differentiable: positions of the tensor arguments that receive gradients; the backward
+            op returns one gradient for each, in that order.
+        reference: the reference forward, called with all arguments.
+        kernel_module: ``mmfast.kernels.<kernel_module>``, whose ``forward(*args)`` and
+            ``backward(*cotangents, *args)`` (returning the gradients in ``differentiable`` order)
+            serve the triton backend.
+        fake_out: given the arguments, an empty tensor of the output's shape and dtype (a tuple
+            of them when ``outputs > 1``).
+        outputs: number of tensor outputs; the backward op takes one optional cotangent each
+            (``grad_0, grad_1, ...``; None where an output received no gradient).
+    Returns:
+        the forward custom op, with autograd registered.
+    """
+    from mmfast.backend import select_kernel
+
+    out_schema = "Tensor" if outputs == 1 else "(" + ", ".join(["Tensor"] * outputs) + ")"
+    fwd_op = torch.library.custom_op(f"mmfast::{name}", mutates_args=(),
+                                     schema=f"({args}) -> {out_schema}")
+
+    @fwd_op
+    def forward(*inputs):
+        kernel = select_kernel(name, kernel_module, inputs[0].device)
+        if kernel is not None:
+            return kernel.forward(*inputs)
+        tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+        result = reference(*inputs)
+        if outputs == 1:
+            return fresh(result.contiguous(), *tensors)
+        return tuple(fresh(r.contiguous(), *tensors) for r in result)
+
+    forward.register_fake(fake_out)
+
+    # Custom ops cannot return None: the gradient of an absent optional input travels as an
+    # empty tensor and becomes None again in the autograd function.
+    single = len(differentiable) == 1   # a one-element tuple return is not a valid schema
+    outs = "Tensor" if single else "(" + ", ".join(["Tensor"] * len(differentiable)) + ")"
+    cotangents = ", ".join(f"Tensor? grad_{i}" for i in range(outputs))
+    bwd_op = torch.library.custom_op(f"mmfast::{name}_backward", mutates_args=(),
+                                     schema=f"({cotangents}, {args}) -> {outs}")
+
+    @bwd_op
+    def backward(*grads_and_inputs):
+        grads, inputs = grads_and_inputs[:outputs], grads_and_inputs[outputs:]
+        kernel = select_kernel(name, kernel_module, inputs[0].device)
+        if kernel is not None:
+            result = tuple(kernel.backward(*grads, *inputs))
+            return result[0] if single else result
+        primals = [inputs[i] for i in differentiable]
+
+        def f(*live):
+            full = list(inputs)
+            for i, t in zip(differentiable, live):
+                full[i] = t
+            return reference(*full)
+
+        result = tuple(absent(inputs[0]) if g is None else g
+                       for g in reference_vjp(f, primals, grads))
+        return result[0] if single else result
+
+    @backward.register_fake
+    def _(*grads_and_inputs):
+        inputs = grads_and_inputs[outputs:]
+        result = tuple(absent(inputs[0]) if inputs[i] is None else inputs[i].new_empty(inputs[i].shape)
+                       for i in differentiable)
+        return result[0] if single else result
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*[t if isinstance(t, torch.Tensor) else None for t in inputs])
+        ctx.plain = [None if isinstance(t, torch.Tensor) else t for t in inputs]
+
+    def autograd(ctx, *grads_out):
+        inputs = [p if p is not None else t for p, t in zip(ctx.plain, ctx.saved_tensors)]
+        grads = backward(*grads_out, *inputs)
+        grads = (grads,) if single else grads
+        result = [None] * len(inputs)
+        for i, g in zip(differentiable, grads):
+            result[i] = None if inputs[i] is None else g
+        return tuple(result)
+
+    forward.register_autograd(autograd, setup_context=setup_context)
+    return forward
