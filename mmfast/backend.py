@@ -79,32 +79,38 @@ def triton_can_run(device: torch.device) -> bool:
     return device.type == "cpu" and _INTERPRET_AT_IMPORT
 
 
-def _kernel_module_exists(module: str) -> bool:
+def _find_kernel(op: str, module: str) -> ModuleType | None:
+    """``mmfast.kernels.<module>`` if it exists and defines ``<op>_forward``, else None.
+    Import errors of an existing module propagate: ``auto`` never hides a broken kernel."""
     try:
-        return importlib.util.find_spec(f"mmfast.kernels.{module}") is not None
+        if importlib.util.find_spec(f"mmfast.kernels.{module}") is None:
+            return None
     except ModuleNotFoundError:
-        return False
+        return None
+    kernel = importlib.import_module(f"mmfast.kernels.{module}")
+    return kernel if hasattr(kernel, f"{op}_forward") else None
 
 
 def select_kernel(op: str, module: str, device: torch.device) -> ModuleType | None:
-    """The kernel module ``mmfast.kernels.<module>`` to run ``op`` with, or ``None`` for the
-    reference. Raises when ``triton`` is forced but cannot serve the op on ``device``."""
+    """The kernel module to run ``op`` with, or ``None`` for the reference.
+
+    A kernel module ``mmfast.kernels.<module>`` serves ``op`` by defining ``<op>_forward`` and
+    ``<op>_backward``. Raises when ``triton`` is forced but cannot serve the op on ``device``.
+    """
     name = current_backend()
     if name == "reference":
         return None
-    exists = _kernel_module_exists(module)
-    if name == "triton":
-        if not exists:
-            raise NotImplementedError(
-                f"mmfast.ops.{op}: no Triton kernel exists yet; use the 'reference' or 'auto' backend"
-            )
-        if not triton_can_run(device):
-            why = "Triton is not installed" if not triton_installed() else (
-                "CPU tensors need TRITON_INTERPRET=1 set before mmfast is imported"
-                if device.type == "cpu" else f"Triton cannot run on {device.type} tensors"
-            )
-            raise RuntimeError(f"mmfast.ops.{op}: backend 'triton' was forced but {why}")
-    elif not (exists and triton_can_run(device)):
-        return None
-    # Import errors of an existing kernel module propagate: auto never hides a broken kernel.
-    return importlib.import_module(f"mmfast.kernels.{module}")
+    if name == "auto":
+        return _find_kernel(op, module) if triton_can_run(device) else None
+    if not triton_can_run(device):
+        why = "Triton is not installed" if not triton_installed() else (
+            "CPU tensors need TRITON_INTERPRET=1 set before mmfast is imported"
+            if device.type == "cpu" else f"Triton cannot run on {device.type} tensors"
+        )
+        raise RuntimeError(f"mmfast.ops.{op}: backend 'triton' was forced but {why}")
+    kernel = _find_kernel(op, module)
+    if kernel is None:
+        raise NotImplementedError(
+            f"mmfast.ops.{op}: no Triton kernel exists yet; use the 'reference' or 'auto' backend"
+        )
+    return kernel

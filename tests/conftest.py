@@ -29,7 +29,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def require_backend(name: str, op: str, kernel_module: str, device=DEVICE) -> None:
-    """Skip the calling test when ``name`` is 'triton' and op has no kernel yet."""
+    """Skip the calling test when ``name`` is 'triton' and op has no kernel yet
+    (``kernel_module`` as named in the op's ``mmfast/ops`` file)."""
     if name != "triton":
         return
     with mmfast.use_backend("triton"):

@@ -66,9 +66,9 @@ def define_op(name: str, *, args: str, differentiable: Sequence[int], reference:
         differentiable: positions of the tensor arguments that receive gradients; the backward
             op returns one gradient for each, in that order.
         reference: the reference forward, called with all arguments.
-        kernel_module: ``mmfast.kernels.<kernel_module>``, whose ``forward(*args)`` and
-            ``backward(*cotangents, *args)`` (returning the gradients in ``differentiable`` order)
-            serve the triton backend.
+        kernel_module: ``mmfast.kernels.<kernel_module>``, whose ``<name>_forward(*args)`` and
+            ``<name>_backward(*cotangents, *args)`` (returning the gradients in
+            ``differentiable`` order) serve the triton backend.
         fake_out: given the arguments, an empty tensor of the output's shape and dtype (a tuple
             of them when ``outputs > 1``).
         outputs: number of tensor outputs; the backward op takes one optional cotangent each
@@ -86,7 +86,7 @@ def define_op(name: str, *, args: str, differentiable: Sequence[int], reference:
     def forward(*inputs):
         kernel = select_kernel(name, kernel_module, inputs[0].device)
         if kernel is not None:
-            return kernel.forward(*inputs)
+            return getattr(kernel, f"{name}_forward")(*inputs)
         tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
         result = reference(*inputs)
         if outputs == 1:
@@ -108,7 +108,7 @@ def define_op(name: str, *, args: str, differentiable: Sequence[int], reference:
         grads, inputs = grads_and_inputs[:outputs], grads_and_inputs[outputs:]
         kernel = select_kernel(name, kernel_module, inputs[0].device)
         if kernel is not None:
-            result = tuple(kernel.backward(*grads, *inputs))
+            result = tuple(getattr(kernel, f"{name}_backward")(*grads, *inputs))
             return result[0] if single else result
         primals = [inputs[i] for i in differentiable]
 

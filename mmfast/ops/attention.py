@@ -23,7 +23,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, num_heads: int,
              scale: float) -> tuple[Tensor, Tensor]:
     kernel = select_kernel("subset_attention", _KERNEL, q.device)
     if kernel is not None:
-        return kernel.forward(q, k, v, mask, num_heads, scale)
+        return kernel.subset_attention_forward(q, k, v, mask, num_heads, scale)
     out, lse = ref.subset_attention(q, k, v, mask, num_heads, scale)
     return out.contiguous(), lse.contiguous()
 
@@ -40,7 +40,7 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, o
               lse: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     kernel = select_kernel("subset_attention", _KERNEL, q.device)
     if kernel is not None:
-        return kernel.backward(grad_out, q, k, v, mask, out, lse, num_heads, scale)
+        return kernel.subset_attention_backward(grad_out, q, k, v, mask, out, lse, num_heads, scale)
     grads = reference_vjp(lambda *a: ref.subset_attention(*a)[0], (q, k, v), (grad_out,),
                           mask, num_heads, scale)
     return tuple(grads)

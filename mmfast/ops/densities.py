@@ -21,7 +21,7 @@ _gaussian = define_op(
 
 _mixture = define_op(
     "mixture_log_prob", args="Tensor z, Tensor logits, Tensor mu, Tensor logvar",
-    differentiable=(0, 1, 2, 3), reference=ref.mixture_log_prob, kernel_module="densities_mixture",
+    differentiable=(0, 1, 2, 3), reference=ref.mixture_log_prob, kernel_module="densities",
     fake_out=lambda z, logits, mu, logvar: z.new_empty(z.shape[:-1], dtype=acc_dtype(z.dtype)))
 
 

@@ -61,7 +61,7 @@ _full_op = define_op(
     "gaussian_full_terms",
     args="Tensor mu_f, Tensor logvar_f, Tensor eps_f, Tensor mu_s, Tensor logvar_s, bool stl",
     differentiable=(0, 1, 2, 3, 4), reference=ref.full_terms,
-    kernel_module="gaussian_terms_full", fake_out=_full_fake, outputs=3)
+    kernel_module="gaussian_terms", fake_out=_full_fake, outputs=3)
 
 
 def _check_pair(op: str, names: tuple[str, str], pair, expected_shape=None) -> tuple[Tensor, Tensor]:

@@ -19,7 +19,7 @@ def _forward(mu: Tensor, logvar: Tensor, mask: Tensor, prior_mu: Optional[Tensor
              prior_logvar: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     kernel = select_kernel("gaussian_poe", _KERNEL, mu.device)
     if kernel is not None:
-        return kernel.forward(mu, logvar, mask, prior_mu, prior_logvar)
+        return kernel.gaussian_poe_forward(mu, logvar, mask, prior_mu, prior_logvar)
     out_mu, out_logvar = ref.gaussian_poe(mu, logvar, mask, prior_mu, prior_logvar)
     return out_mu.contiguous(), out_logvar.contiguous()
 
@@ -37,7 +37,7 @@ def _backward(grad_mu: Tensor, grad_logvar: Tensor, mu: Tensor, logvar: Tensor, 
     """Gradients for (mu, logvar, prior_mu, prior_logvar); an absent prior's are empty."""
     kernel = select_kernel("gaussian_poe", _KERNEL, mu.device)
     if kernel is not None:
-        return kernel.backward(grad_mu, grad_logvar, mu, logvar, mask, prior_mu, prior_logvar,
+        return kernel.gaussian_poe_backward(grad_mu, grad_logvar, mu, logvar, mask, prior_mu, prior_logvar,
                                out_mu, out_logvar)
 
     def f(mu_, logvar_, prior_mu_, prior_logvar_):

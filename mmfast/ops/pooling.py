@@ -16,7 +16,7 @@ _KERNEL = "subset_pool"
 def _forward(x: Tensor, mask: Tensor) -> Tensor:
     kernel = select_kernel("subset_sum_pool", _KERNEL, x.device)
     if kernel is not None:
-        return kernel.forward(x, mask)
+        return kernel.subset_sum_pool_forward(x, mask)
     return fresh(ref.subset_sum_pool(x, mask).contiguous(), x)
 
 
@@ -29,7 +29,7 @@ def _(x, mask):
 def _backward(grad_out: Tensor, x: Tensor, mask: Tensor) -> Tensor:
     kernel = select_kernel("subset_sum_pool", _KERNEL, x.device)
     if kernel is not None:
-        return kernel.backward(grad_out, x, mask)
+        return kernel.subset_sum_pool_backward(grad_out, x, mask)
     return reference_vjp(ref.subset_sum_pool, (x,), (grad_out,), mask)[0]
 
 

@@ -1,0 +1,149 @@
+"""Shared benchmark harness (pytest-benchmark).
+
+Every timed callable synchronises the device; warm-up rounds are excluded from the statistics.
+Providers: ``eager`` (the reference formulation), ``compile`` (``torch.compile(reference,
+dynamic=False)``) and ``mmfast`` (the public op on the Triton backend, GPU only). Without a GPU
+the suite runs on CPU with the reference providers at reduced sizes, so it cannot rot.
+``extra_info`` records the achieved GB/s against the minimum bytes that must move, its ratio to
+a measured device-to-device copy, and the peak memory of one call on CUDA.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Callable, Sequence
+
+import pytest
+import torch
+
+import mmfast
+from mmfast.backend import triton_can_run
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+MODES = ("forward", "backward", "forward+backward")
+
+
+def providers() -> list[str]:
+    names = ["eager", "compile"]
+    if HAS_CUDA and triton_can_run(DEVICE):
+        names.append("mmfast")
+    return names
+
+
+def sync() -> None:
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+
+
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth_gbs() -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes per second, in GB/s)."""
+    n = (256 if HAS_CUDA else 32) * 2**20 // 4
+    src = torch.empty(n, dtype=torch.float32, device=DEVICE).normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync()
+    reps = 20 if HAS_CUDA else 5
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    sync()
+    seconds = (time.perf_counter() - t0) / reps
+    return 2 * src.numel() * 4 / seconds / 1e9
+
+
+def _as_tuple(out) -> tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def run_case(benchmark, fn: Callable, make_inputs: Callable[[], Sequence], mode: str,
+             min_bytes: int, rounds: int | None = None, **info) -> None:
+    """Time ``fn(*make_inputs())`` in ``mode`` and record bandwidth and memory in extra_info.
+
+    ``make_inputs`` returns fresh inputs (leaf tensors that need grad for the backward modes);
+    ``min_bytes`` is the traffic a perfect implementation of this mode must move.
+    """
+    assert mode in MODES, mode
+    inputs = make_inputs()
+    grad_inputs = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def cotangents(out):
+        return [torch.ones_like(o) if o.is_floating_point() else None for o in _as_tuple(out)]
+
+    def backward_only(outs, grads):
+        torch.autograd.backward([o for o, g in zip(outs, grads) if g is not None],
+                                [g for g in grads if g is not None])
+        sync()
+
+    if mode == "forward":
+        def target():
+            with torch.no_grad() if not grad_inputs else torch.enable_grad():
+                fn(*inputs)
+            sync()
+        setup = None
+    elif mode == "backward":
+        def setup():
+            for t in grad_inputs:
+                t.grad = None
+            outs = _as_tuple(fn(*inputs))
+            sync()
+            return (outs, cotangents(outs)), {}
+        target = backward_only
+    else:
+        def target():
+            for t in grad_inputs:
+                t.grad = None
+            outs = _as_tuple(fn(*inputs))
+            backward_only(outs, cotangents(outs))
+        setup = None
+
+    if HAS_CUDA:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    rounds = rounds or (50 if HAS_CUDA else 5)
+    kwargs = dict(rounds=rounds, warmup_rounds=3 if HAS_CUDA else 1, iterations=1)
+    if setup is not None:
+        benchmark.pedantic(target, setup=setup, **kwargs)
+    else:
+        benchmark.pedantic(target, **kwargs)
+    mean = benchmark.stats.stats.mean
+    gbs = min_bytes / mean / 1e9
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name() if HAS_CUDA else "cpu", mode=mode,
+        min_bytes=min_bytes, achieved_gbs=round(gbs, 2),
+        copy_gbs=round(copy_bandwidth_gbs(), 2), copy_ratio=round(gbs / copy_bandwidth_gbs(), 4),
+        **info)
+    if HAS_CUDA:
+        benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn, dynamic=False)``, cached so each provider compiles once per shape."""
+    return torch.compile(fn, dynamic=False)
+
+
+def provider_fn(provider: str, reference: Callable, public: Callable) -> Callable:
+    """The callable a provider times: the reference, its compiled form, or mmfast's op on the
+    triton backend."""
+    if provider == "eager":
+        return reference
+    if provider == "compile":
+        return compiled(reference)
+
+    def run(*args):
+        with mmfast.use_backend("triton"):
+            return public(*args)
+    return run
+
+
+@pytest.fixture(params=providers())
+def provider(request):
+    return request.param
+
+
+@pytest.fixture(params=MODES)
+def mode(request):
+    return request.param
