@@ -8,10 +8,12 @@ from mmfast.ops.likelihoods import (bernoulli_log_prob, categorical_log_prob, la
                                     normal_log_prob)
 from mmfast.ops.objective import GaussianTerms, gaussian_terms
 from mmfast.ops.poe import gaussian_poe
+from mmfast.ops.pool_linear import subset_pool_linear
 from mmfast.ops.pooling import subset_sum_pool
 
 __all__ = [
-    "subset_sum_pool", "subset_attention", "gaussian_poe", "gaussian_log_prob",
+    "subset_sum_pool", "subset_pool_linear", "subset_attention", "gaussian_poe",
+    "gaussian_log_prob",
     "mixture_log_prob", "bernoulli_log_prob", "categorical_log_prob", "normal_log_prob",
     "laplace_log_prob", "gaussian_terms", "GaussianTerms",
 ]

@@ -9,10 +9,12 @@ from mmfast.ops.reference.likelihoods import (bernoulli_log_prob, categorical_lo
                                               laplace_log_prob, normal_log_prob)
 from mmfast.ops.reference.objective import full_terms, reparameterize, subset_terms
 from mmfast.ops.reference.poe import gaussian_poe
+from mmfast.ops.reference.pool_linear import subset_pool_linear
 from mmfast.ops.reference.pooling import subset_sum_pool
 
 __all__ = [
-    "subset_sum_pool", "subset_attention", "gaussian_poe", "gaussian_log_prob",
+    "subset_sum_pool", "subset_pool_linear", "subset_attention", "gaussian_poe",
+    "gaussian_log_prob",
     "mixture_log_prob", "bernoulli_log_prob", "categorical_log_prob", "normal_log_prob",
     "laplace_log_prob", "subset_terms", "full_terms", "reparameterize",
 ]
