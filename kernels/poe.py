@@ -1,0 +1,333 @@
+"""Gaussian product of experts over modality subsets, forward and backward.
+
+For a subset S with experts j (the modalities in S, plus the prior expert p when there is one),
+log-precisions ``l_j = -logvar_j`` and precisions ``λ_j = exp(l_j)``:
+
+    Λ = Σ_j λ_j,   w_j = λ_j / Λ,   out_mu = Σ_j w_j mu_j,   out_logvar = -log Λ.
+
+Both are computed with a log-sum-exp: ``c = max_j l_j``, ``e_j = exp(l_j - c) ≤ 1``,
+``T = Σ_j e_j``, ``log Λ = c + log T``, ``w_j = e_j / T``, which stays finite for logvar in
+[-30, 30] (and far beyond) in float32. An empty product (no member, no prior) gives mu = 0,
+logvar = 0.
+
+Backward. With upstream gradients ``gμ = ∂L/∂out_mu`` and ``gv = ∂L/∂out_logvar`` of subset S:
+
+    ∂out_mu/∂mu_j      = w_j
+    ∂out_mu/∂logvar_j  = ∂out_mu/∂λ_j · ∂λ_j/∂logvar_j = (mu_j - out_mu)/Λ · (-λ_j)
+                       = -w_j (mu_j - out_mu)
+    ∂out_logvar/∂logvar_j = -(1/Λ) · (-λ_j) = w_j
+
+so ``dmu_j += w_j gμ`` and ``dlogvar_j += w_j (gv - gμ (mu_j - out_mu))``, summed over every
+subset that holds j (the prior is in all of them). The backward recomputes w_j and out_mu in
+the accumulation dtype from the inputs rather than trusting outputs rounded to float16/bfloat16.
+
+Layout: a program owns one batch row and a block of the d latent features. It loads the
+``[M, BLOCK_D]`` tiles of mu and logvar once (only rows of modalities in at least one of its
+subsets: a missing modality's values are never read) and sweeps its subsets in chunks of
+CHUNK_S. The forward may split the subsets of a row over several programs; the backward gives
+each program all subsets of its row and reduces them in a fixed order (deterministic, no
+atomics). Every tensor is read by strides: a stride-0 bank and a stride-0 prior (the N(0, I)
+expert, or a ``[d]`` prior expanded to ``[B, d]``) are never materialised.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mmfast.backend import triton_interpreting
+
+
+@triton.jit
+def _load_members(mask_ptr, row, offs_s, offs_m, S, M, stride_kb, stride_ks, stride_km):
+    """bool ``[CHUNK_S, BLOCK_M]``: whether modality m is in subset s (False off the edges)."""
+    valid = (offs_s < S)[:, None] & (offs_m < M)[None, :]
+    ptrs = (mask_ptr + row * stride_kb + offs_s.to(tl.int64)[:, None] * stride_ks
+            + offs_m[None, :] * stride_km)
+    return tl.load(ptrs, mask=valid, other=0) != 0
+
+
+@triton.jit
+def _load_rows(ptr, row, offs_m, offs_d, needed, valid_d, stride_b, stride_m, stride_d,
+               ACC_DTYPE: tl.constexpr):
+    """``[BLOCK_M, BLOCK_D]`` tile of an expert parameter; rows not ``needed`` are not read."""
+    ptrs = (ptr + row * stride_b + offs_m.to(tl.int64)[:, None] * stride_m
+            + offs_d.to(tl.int64)[None, :] * stride_d)
+    return tl.load(ptrs, mask=needed[:, None] & valid_d[None, :], other=0.0).to(ACC_DTYPE)
+
+
+@triton.jit
+def _subset_product(member, mu, neg_logvar, prior_mu, prior_l, HAS_PRIOR: tl.constexpr):
+    """The log-sum-exp pieces of the product over each subset of a chunk.
+
+    Args: member ``[CS, BM]``; mu, neg_logvar ``[BM, BD]``; prior_mu, prior_l ``[BD]``.
+    Returns: e ``[CS, BM, BD]`` (``exp(l_j - c)``, 0 off the subset), e_prior ``[CS, BD]``,
+    total T, c (0 where the product is empty) and out_mu, all ``[CS, BD]``.
+    """
+    inside = member[:, :, None]
+    logprec = tl.where(inside, neg_logvar[None, :, :], float("-inf"))
+    top = tl.max(logprec, axis=1)
+    if HAS_PRIOR:
+        top = tl.maximum(top, prior_l[None, :])
+    # An empty product has no finite log-precision: shift by 0 so every exp below is exp(-inf).
+    top = tl.where(top == float("-inf"), 0.0, top)
+    e = tl.exp(logprec - top[:, None, :])
+    total = tl.sum(e, axis=1)
+    weighted = tl.sum(tl.where(inside, e * mu[None, :, :], 0.0), axis=1)
+    if HAS_PRIOR:
+        e_prior = tl.exp(prior_l[None, :] - top)
+        total += e_prior
+        weighted += e_prior * prior_mu[None, :]
+    else:
+        e_prior = tl.zeros_like(total)
+    out_mu = weighted / tl.where(total > 0, total, 1.0)
+    return e, e_prior, total, top, out_mu
+
+
+@triton.jit
+def _poe_forward_kernel(
+    mu_ptr, lv_ptr, mask_ptr, pmu_ptr, plv_ptr, out_mu_ptr, out_lv_ptr,
+    S, M, D, subsets_per_program,
+    stride_mb, stride_mm, stride_md,
+    stride_vb, stride_vm, stride_vd,
+    stride_kb, stride_ks, stride_km,
+    stride_pb, stride_pd, stride_qb, stride_qd,
+    stride_ob, stride_os,
+    HAS_PRIOR: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    first = tl.program_id(2) * subsets_per_program
+    last = tl.minimum(first + subsets_per_program, S)
+    offs_m = tl.arange(0, BLOCK_M)
+    chunk = tl.arange(0, CHUNK_S)
+    valid_d = offs_d < D
+
+    # Which modalities any subset of this program holds: only those rows are read.
+    needed = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for s0 in range(first, last, CHUNK_S):
+        member = _load_members(mask_ptr, row, s0 + chunk, offs_m, last, M,
+                               stride_kb, stride_ks, stride_km)
+        needed = tl.maximum(needed, tl.max(member.to(tl.int32), axis=0))
+    needed = needed > 0
+    mu = _load_rows(mu_ptr, row, offs_m, offs_d, needed, valid_d,
+                    stride_mb, stride_mm, stride_md, ACC_DTYPE)
+    neg_logvar = -_load_rows(lv_ptr, row, offs_m, offs_d, needed, valid_d,
+                             stride_vb, stride_vm, stride_vd, ACC_DTYPE)
+    if HAS_PRIOR:
+        prior_mu = tl.load(pmu_ptr + row * stride_pb + offs_d * stride_pd, mask=valid_d,
+                           other=0.0).to(ACC_DTYPE)
+        prior_l = -tl.load(plv_ptr + row * stride_qb + offs_d * stride_qd, mask=valid_d,
+                           other=0.0).to(ACC_DTYPE)
+    else:
+        prior_mu = tl.zeros((BLOCK_D,), dtype=ACC_DTYPE)
+        prior_l = prior_mu
+
+    for s0 in range(first, last, CHUNK_S):
+        offs_s = s0 + chunk
+        member = _load_members(mask_ptr, row, offs_s, offs_m, last, M,
+                               stride_kb, stride_ks, stride_km)
+        e, e_prior, total, top, out_mu = _subset_product(member, mu, neg_logvar, prior_mu,
+                                                         prior_l, HAS_PRIOR)
+        out_lv = tl.where(total > 0, -(top + tl.log(tl.where(total > 0, total, 1.0))), 0.0)
+        offs = row * stride_ob + offs_s.to(tl.int64)[:, None] * stride_os + offs_d[None, :]
+        keep = (offs_s < last)[:, None] & valid_d[None, :]
+        tl.store(out_mu_ptr + offs, out_mu.to(out_mu_ptr.dtype.element_ty), mask=keep)
+        tl.store(out_lv_ptr + offs, out_lv.to(out_lv_ptr.dtype.element_ty), mask=keep)
+
+
+@triton.jit
+def _poe_backward_kernel(
+    gmu_ptr, glv_ptr, mu_ptr, lv_ptr, mask_ptr, pmu_ptr, plv_ptr,
+    dmu_ptr, dlv_ptr, dpmu_ptr, dplv_ptr,
+    S, M, D,
+    stride_gb, stride_gs, stride_gd,
+    stride_hb, stride_hs, stride_hd,
+    stride_mb, stride_mm, stride_md,
+    stride_vb, stride_vm, stride_vd,
+    stride_kb, stride_ks, stride_km,
+    stride_pb, stride_pd, stride_qb, stride_qd,
+    HAS_PRIOR: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_m = tl.arange(0, BLOCK_M)
+    chunk = tl.arange(0, CHUNK_S)
+    valid_d = offs_d < D
+    valid_m = offs_m < M
+
+    needed = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for s0 in range(0, S, CHUNK_S):
+        member = _load_members(mask_ptr, row, s0 + chunk, offs_m, S, M,
+                               stride_kb, stride_ks, stride_km)
+        needed = tl.maximum(needed, tl.max(member.to(tl.int32), axis=0))
+    needed = needed > 0
+    mu = _load_rows(mu_ptr, row, offs_m, offs_d, needed, valid_d,
+                    stride_mb, stride_mm, stride_md, ACC_DTYPE)
+    neg_logvar = -_load_rows(lv_ptr, row, offs_m, offs_d, needed, valid_d,
+                             stride_vb, stride_vm, stride_vd, ACC_DTYPE)
+    if HAS_PRIOR:
+        prior_mu = tl.load(pmu_ptr + row * stride_pb + offs_d * stride_pd, mask=valid_d,
+                           other=0.0).to(ACC_DTYPE)
+        prior_l = -tl.load(plv_ptr + row * stride_qb + offs_d * stride_qd, mask=valid_d,
+                           other=0.0).to(ACC_DTYPE)
+    else:
+        prior_mu = tl.zeros((BLOCK_D,), dtype=ACC_DTYPE)
+        prior_l = prior_mu
+
+    dmu = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC_DTYPE)
+    dlv = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC_DTYPE)
+    dpmu = tl.zeros((BLOCK_D,), dtype=ACC_DTYPE)
+    dplv = tl.zeros((BLOCK_D,), dtype=ACC_DTYPE)
+    # Every subset of the row, a chunk at a time, always in the same order: deterministic.
+    for s0 in range(0, S, CHUNK_S):
+        offs_s = s0 + chunk
+        member = _load_members(mask_ptr, row, offs_s, offs_m, S, M,
+                               stride_kb, stride_ks, stride_km)
+        e, e_prior, total, top, out_mu = _subset_product(member, mu, neg_logvar, prior_mu,
+                                                         prior_l, HAS_PRIOR)
+        inv_total = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
+        keep = (offs_s < S)[:, None] & valid_d[None, :]
+        g_mu = tl.load(gmu_ptr + row * stride_gb + offs_s.to(tl.int64)[:, None] * stride_gs
+                       + offs_d[None, :] * stride_gd, mask=keep, other=0.0).to(ACC_DTYPE)
+        g_lv = tl.load(glv_ptr + row * stride_hb + offs_s.to(tl.int64)[:, None] * stride_hs
+                       + offs_d[None, :] * stride_hd, mask=keep, other=0.0).to(ACC_DTYPE)
+        weight = e * inv_total[:, None, :]                                   # w_j, 0 off S
+        inside = member[:, :, None]
+        spread = tl.where(inside, mu[None, :, :] - out_mu[:, None, :], 0.0)  # mu_j - out_mu
+        dmu += tl.sum(weight * g_mu[:, None, :], axis=0)
+        dlv += tl.sum(weight * (g_lv[:, None, :] - g_mu[:, None, :] * spread), axis=0)
+        if HAS_PRIOR:
+            w_prior = e_prior * inv_total
+            dpmu += tl.sum(w_prior * g_mu, axis=0)
+            dplv += tl.sum(w_prior * (g_lv - g_mu * (prior_mu[None, :] - out_mu)), axis=0)
+
+    # Gradients are contiguous [B, M, D] and [B, D].
+    tile = row * M * D + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
+    store = valid_m[:, None] & valid_d[None, :]
+    tl.store(dmu_ptr + tile, dmu.to(dmu_ptr.dtype.element_ty), mask=store)
+    tl.store(dlv_ptr + tile, dlv.to(dlv_ptr.dtype.element_ty), mask=store)
+    if HAS_PRIOR:
+        flat = row * D + offs_d
+        tl.store(dpmu_ptr + flat, dpmu.to(dpmu_ptr.dtype.element_ty), mask=valid_d)
+        tl.store(dplv_ptr + flat, dplv.to(dplv_ptr.dtype.element_ty), mask=valid_d)
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _mask_layout(mask: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int, int]]:
+    """The mask as bytes, S, and its (b, s, m) strides; ``[B, M]`` is one subset per row."""
+    as_bytes = mask.view(torch.uint8)
+    if mask.dim() == 2:
+        return as_bytes, 1, (mask.stride(0), 0, mask.stride(1))
+    return as_bytes, mask.shape[1], tuple(mask.stride())
+
+
+def _per_subset_strides(t: torch.Tensor, mask: torch.Tensor) -> tuple[int, int, int]:
+    """(b, s, d) strides of an output-shaped tensor ``[B, (S,) d]``."""
+    if mask.dim() == 2:
+        return t.stride(0), 0, t.stride(1)
+    return tuple(t.stride())
+
+
+def _blocks(S: int, M: int, D: int) -> tuple[int, int, int, int]:
+    """BLOCK_M, BLOCK_D, CHUNK_S, num_warps: the [CHUNK_S, BLOCK_M, BLOCK_D] working set stays
+    within a register budget on the GPU; the interpreter takes big tiles (few programs)."""
+    budget = 1 << 16 if triton_interpreting() else 4096
+    block_m = triton.next_power_of_2(max(M, 1))
+    block_d = min(triton.next_power_of_2(D), 4096 if triton_interpreting() else 128,
+                  max(16, budget // block_m))
+    chunk_s = min(triton.next_power_of_2(max(S, 1)), max(1, budget // (block_m * block_d)))
+    warps = 8 if block_m * block_d >= 2048 else 4
+    return block_m, block_d, chunk_s, warps
+
+
+def _prior_strides(prior_mu, prior_logvar, fallback):
+    if prior_mu is None:
+        return fallback, fallback, (0, 0), (0, 0)
+    return prior_mu, prior_logvar, prior_mu.stride(), prior_logvar.stride()
+
+
+def gaussian_poe_forward(mu: torch.Tensor, logvar: torch.Tensor, mask: torch.Tensor,
+                         prior_mu: torch.Tensor | None,
+                         prior_logvar: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Implementation of ``mmfast::gaussian_poe``.
+
+    Args:
+        mu, logvar: ``[B, M, d]``, any strides.
+        mask: bool ``[B, M]`` or ``[B, S, M]``, any strides.
+        prior_mu, prior_logvar: ``[B, d]`` (stride 0 allowed) or both None.
+    Returns:
+        contiguous ``(mu, logvar)``, each ``[B, (S,) d]`` in ``mu.dtype``.
+    """
+    B, M, D = mu.shape
+    mask_bytes, S, (skb, sks, skm) = _mask_layout(mask)
+    shape = (*mask.shape[:-1], D)
+    out_mu = torch.empty(shape, dtype=mu.dtype, device=mu.device)
+    out_lv = torch.empty(shape, dtype=mu.dtype, device=mu.device)
+    if out_mu.numel() == 0:
+        return out_mu, out_lv
+    block_m, block_d, chunk_s, warps = _blocks(S, M, D)
+    chunks = triton.cdiv(S, chunk_s)
+    programs = B * triton.cdiv(D, block_d)
+    # On the GPU, split a row's subsets over programs when rows alone would leave SMs idle.
+    splits = 1 if triton_interpreting() else max(1, min(chunks, triton.cdiv(4096, programs)))
+    per_program = triton.cdiv(chunks, splits) * chunk_s
+    grid = (B, triton.cdiv(D, block_d), triton.cdiv(S, per_program))
+    pmu, plv, (spb, spd), (sqb, sqd) = _prior_strides(prior_mu, prior_logvar, mu)
+    _, sos, _ = _per_subset_strides(out_mu, mask)
+    _poe_forward_kernel[grid](
+        mu, logvar, mask_bytes, pmu, plv, out_mu, out_lv,
+        S, M, D, per_program,
+        *mu.stride(), *logvar.stride(),
+        skb, sks, skm,
+        spb, spd, sqb, sqd,
+        out_mu.stride(0), sos,
+        HAS_PRIOR=prior_mu is not None, ACC_DTYPE=_acc_dtype(mu.dtype),
+        BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s, num_warps=warps,
+    )
+    return out_mu, out_lv
+
+
+def gaussian_poe_backward(grad_mu: torch.Tensor, grad_logvar: torch.Tensor, mu: torch.Tensor,
+                          logvar: torch.Tensor, mask: torch.Tensor,
+                          prior_mu: torch.Tensor | None, prior_logvar: torch.Tensor | None,
+                          out_mu: torch.Tensor, out_logvar: torch.Tensor):
+    """Implementation of ``mmfast::gaussian_poe_backward``.
+
+    Args:
+        grad_mu, grad_logvar: ``[B, (S,) d]`` upstream gradients, any strides.
+        mu, logvar, mask, prior_mu, prior_logvar: the forward's inputs.
+        out_mu, out_logvar: the forward's outputs (unused: recomputed in full precision).
+    Returns:
+        ``(dmu, dlogvar, dprior_mu, dprior_logvar)``: ``[B, M, d]``, ``[B, M, d]`` and
+        ``[B, d]`` twice (empty tensors when there is no prior), contiguous, in ``mu.dtype``.
+    """
+    B, M, D = mu.shape
+    mask_bytes, S, (skb, sks, skm) = _mask_layout(mask)
+    dmu = torch.empty((B, M, D), dtype=mu.dtype, device=mu.device)
+    dlv = torch.empty((B, M, D), dtype=mu.dtype, device=mu.device)
+    has_prior = prior_mu is not None
+    dpmu = mu.new_empty((B, D)) if has_prior else mu.new_empty(0)
+    dplv = mu.new_empty((B, D)) if has_prior else mu.new_empty(0)
+    if B * D == 0:
+        return dmu, dlv, dpmu, dplv
+    block_m, block_d, chunk_s, warps = _blocks(S, M, D)
+    grid = (B, triton.cdiv(D, block_d))
+    pmu, plv, (spb, spd), (sqb, sqd) = _prior_strides(prior_mu, prior_logvar, mu)
+    _poe_backward_kernel[grid](
+        grad_mu, grad_logvar, mu, logvar, mask_bytes, pmu, plv,
+        dmu, dlv, dpmu if has_prior else dmu, dplv if has_prior else dlv,
+        S, M, D,
+        *_per_subset_strides(grad_mu, mask), *_per_subset_strides(grad_logvar, mask),
+        *mu.stride(), *logvar.stride(),
+        skb, sks, skm,
+        spb, spd, sqb, sqd,
+        HAS_PRIOR=has_prior, ACC_DTYPE=_acc_dtype(mu.dtype),
+        BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s, num_warps=warps,
+    )
+    return dmu, dlv, dpmu, dplv

@@ -1,0 +1,207 @@
+"""Masked subset sum-pooling: ``out[b, s] = Σ_{m ∈ S_bs} x[b, m]`` and its transpose.
+
+Forward: one program per (row b, block of subsets, block of features). It loops over the M
+modalities, loads the mask column of its subsets and the feature row of modality m once, and
+adds the row into the subsets that contain m; x rows of a modality in none of the block's
+subsets are not loaded at all. Backward: ``grad_x[b, m] = Σ_s mask[b, s, m] grad_out[b, s]``,
+one program per (row b, block of modalities, block of features) reducing over the subsets in a
+fixed order, so it is deterministic without atomics.
+
+Masks ``[B, M]`` are treated as ``[B, 1, M]``; every tensor is read by strides, so a bank shared
+by all rows (``bank.expand(B, S, M)``, stride 0 on B) is never materialised. Accumulation is in
+float32 (float64 for float64 inputs); outputs are contiguous, in the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mmfast.backend import triton_interpreting
+
+
+@triton.jit
+def _pool_forward_kernel(
+    x_ptr, mask_ptr, bias_ptr, out_ptr,
+    S, M, D,
+    stride_xb, stride_xm, stride_xd,
+    stride_kb, stride_ks, stride_km,
+    stride_ob, stride_os,
+    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    valid_s = offs_s < S
+    valid_d = offs_d < D
+    mask_row = mask_ptr + row * stride_kb + offs_s.to(tl.int64) * stride_ks
+    x_row = x_ptr + row * stride_xb + offs_d.to(tl.int64) * stride_xd
+
+    acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=ACC_DTYPE)
+    for m in range(0, M):
+        member = tl.load(mask_row + m * stride_km, mask=valid_s, other=0) != 0      # [BLOCK_S]
+        # Skip the load when no subset of the block holds m: a missing modality's features
+        # (possibly NaN) are never read, and no bandwidth is spent on them.
+        wanted = valid_d & (tl.max(member.to(tl.int32), axis=0) + tl.zeros_like(offs_d) > 0)
+        feat = tl.load(x_row + m * stride_xm, mask=wanted, other=0.0).to(ACC_DTYPE)
+        acc += tl.where(member[:, None], feat[None, :], 0.0)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_d, mask=valid_d, other=0.0).to(ACC_DTYPE)[None, :]
+    out = (out_ptr + row * stride_ob + offs_s.to(tl.int64)[:, None] * stride_os
+           + offs_d[None, :])
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid_s[:, None] & valid_d[None, :])
+
+
+@triton.jit
+def _pool_backward_kernel(
+    grad_ptr, mask_ptr, out_ptr,
+    S, M, D,
+    stride_gb, stride_gs, stride_gd,
+    stride_kb, stride_ks, stride_km,
+    stride_ob, stride_om,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    valid_m = offs_m < M
+    valid_d = offs_d < D
+    chunk = tl.arange(0, CHUNK_S)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC_DTYPE)
+    # A chunk of subsets at a time, always in the same order: the sum is deterministic.
+    for s0 in range(0, S, CHUNK_S):
+        offs_s = s0 + chunk
+        valid_s = offs_s < S
+        member = tl.load(mask_ptr + row * stride_kb + offs_s.to(tl.int64)[:, None] * stride_ks
+                         + offs_m[None, :] * stride_km,
+                         mask=valid_s[:, None] & valid_m[None, :], other=0) != 0   # [CS, BM]
+        grad = tl.load(grad_ptr + row * stride_gb + offs_s.to(tl.int64)[:, None] * stride_gs
+                       + offs_d.to(tl.int64)[None, :] * stride_gd,
+                       mask=valid_s[:, None] & valid_d[None, :], other=0.0).to(ACC_DTYPE)
+        acc += tl.sum(tl.where(member[:, :, None], grad[:, None, :], 0.0), axis=0)
+
+    out = out_ptr + row * stride_ob + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid_m[:, None] & valid_d[None, :])
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _mask_strides(mask: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
+    """The mask as bytes (bool and uint8 share a layout) and (S, stride_b, stride_s, stride_m);
+    a ``[B, M]`` mask is one subset per row (stride_s = 0)."""
+    as_bytes = mask.view(torch.uint8)
+    if mask.dim() == 2:
+        return as_bytes, 1, mask.stride(0), 0, mask.stride(1)
+    return as_bytes, mask.shape[1], mask.stride(0), mask.stride(1), mask.stride(2)
+
+
+def _tile_budget() -> int:
+    """Elements one program may hold: a register budget on the GPU; in the interpreter, where
+    every program costs milliseconds, big tiles mean few programs."""
+    return 1 << 16 if triton_interpreting() else 4096
+
+
+def _forward_blocks(S: int, D: int) -> tuple[int, int, int]:
+    budget = _tile_budget()
+    block_d = min(triton.next_power_of_2(D), 4096 if triton_interpreting() else 512)
+    block_s = min(triton.next_power_of_2(S), max(1, budget // block_d))
+    warps = 8 if block_s * block_d >= 4096 else 4
+    return block_s, block_d, warps
+
+
+def _backward_blocks(S: int, M: int, D: int) -> tuple[int, int, int, int]:
+    budget = _tile_budget()
+    block_m = min(triton.next_power_of_2(M), 64)
+    block_d = min(triton.next_power_of_2(D), 4096 if triton_interpreting() else 512,
+                  max(16, budget // block_m))
+    # The [CHUNK_S, BLOCK_M, BLOCK_D] product of a chunk stays within twice the tile budget.
+    chunk_s = min(triton.next_power_of_2(S), max(1, 2 * budget // (block_m * block_d)), 64)
+    warps = 8 if block_m * block_d >= 4096 else 4
+    return block_m, block_d, chunk_s, warps
+
+
+def launch_pool(x: torch.Tensor, mask: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``Σ_{m ∈ S} x[b, m] (+ bias)`` for every subset.
+
+    Args:
+        x: ``[B, M, D]``, any strides.
+        mask: bool ``[B, M]`` or ``[B, S, M]``, any strides (stride 0 for a shared bank).
+        bias: ``[D]`` added to every output row, or None.
+    Returns:
+        contiguous ``[B, D]`` or ``[B, S, D]`` in ``x.dtype``.
+    """
+    B, M, D = x.shape
+    mask_bytes, S, skb, sks, skm = _mask_strides(mask)
+    out = torch.empty((*mask.shape[:-1], D), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    block_s, block_d, warps = _forward_blocks(S, D)
+    grid = (B, triton.cdiv(S, block_s), triton.cdiv(D, block_d))
+    has_bias = bias is not None
+    _pool_forward_kernel[grid](
+        x, mask_bytes, bias.contiguous() if has_bias else x, out,
+        S, M, D,
+        x.stride(0), x.stride(1), x.stride(2),
+        skb, sks, skm,
+        out.stride(0), D if mask.dim() == 3 else 0,
+        HAS_BIAS=has_bias, ACC_DTYPE=_acc_dtype(x.dtype),
+        BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps,
+    )
+    return out
+
+
+def launch_pool_transpose(grad_out: torch.Tensor, mask: torch.Tensor, num_modalities: int,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """``Σ_s mask[b, s, m] grad_out[b, s]`` for every modality: the adjoint of pooling.
+
+    Args:
+        grad_out: ``[B, D]`` or ``[B, S, D]`` (the mask's leading shape), any strides.
+        mask: bool ``[B, M]`` or ``[B, S, M]``, any strides.
+        num_modalities: M.
+        dtype: dtype of the result.
+    Returns:
+        contiguous ``[B, M, D]``; rows of modalities in none of a row's subsets are 0.
+    """
+    B, M, D = mask.shape[0], num_modalities, grad_out.shape[-1]
+    mask_bytes, S, skb, sks, skm = _mask_strides(mask)
+    out = torch.empty((B, M, D), dtype=dtype, device=grad_out.device)
+    if out.numel() == 0:
+        return out
+    if S == 0:
+        return out.zero_()
+    if mask.dim() == 2:
+        sgb, sgs, sgd = grad_out.stride(0), 0, grad_out.stride(1)
+    else:
+        sgb, sgs, sgd = grad_out.stride()
+    block_m, block_d, chunk_s, warps = _backward_blocks(S, M, D)
+    grid = (B, triton.cdiv(M, block_m), triton.cdiv(D, block_d))
+    _pool_backward_kernel[grid](
+        grad_out, mask_bytes, out,
+        S, M, D,
+        sgb, sgs, sgd,
+        skb, sks, skm,
+        out.stride(0), out.stride(1),
+        ACC_DTYPE=_acc_dtype(dtype),
+        BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s, num_warps=warps,
+    )
+    return out
+
+
+def subset_sum_pool_forward(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Implementation of ``mmfast::subset_sum_pool``: x ``[B, M, D]``, mask ``[B, (S,) M]`` ->
+    ``[B, (S,) D]`` in x.dtype."""
+    return launch_pool(x, mask)
+
+
+def subset_sum_pool_backward(grad_out: torch.Tensor, x: torch.Tensor,
+                             mask: torch.Tensor) -> torch.Tensor:
+    """Implementation of ``mmfast::subset_sum_pool_backward``: grad_out ``[B, (S,) D]`` ->
+    grad_x ``[B, M, D]`` in x.dtype."""
+    return launch_pool_transpose(grad_out, mask, x.shape[1], x.dtype)
