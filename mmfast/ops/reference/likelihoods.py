@@ -19,7 +19,9 @@ def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``Σ x·l − softplus(l)`` with x in [0, 1] (soft targets allowed)."""
     acc = acc_dtype(logits.dtype)
     l, x = logits.to(acc), x.to(acc)
-    softplus = torch.clamp(l, min=0) + torch.log1p(torch.exp(-l.abs()))
+    # logaddexp(l, 0) is softplus, stable for any l and with the right derivative sigmoid(l)
+    # at l = 0, where max(l, 0) + log1p(exp(-|l|)) differentiates to 1 instead of 1/2.
+    softplus = torch.logaddexp(l, torch.zeros_like(l))
     return _sum_event(x * l - softplus)
 
 
