@@ -33,13 +33,13 @@ def generator(seed: int) -> torch.Generator:
 def randn(*shape, gen: torch.Generator, dtype=F64, scale: float = 1.0, shift: float = 0.0,
           requires_grad: bool = False) -> torch.Tensor:
     """Seeded normal draws, made on the CPU (reproducible everywhere) then moved to DEVICE."""
-    t = (torch.randn(*shape, generator=gen, dtype=F64) * scale + shift).to(DEVICE, dtype)
+    t = (torch.randn(shape, generator=gen, dtype=F64) * scale + shift).to(DEVICE, dtype)
     return t.requires_grad_(requires_grad)
 
 
 def uniform(*shape, gen: torch.Generator, low: float, high: float, dtype=F64,
             requires_grad: bool = False) -> torch.Tensor:
-    t = (torch.rand(*shape, generator=gen, dtype=F64) * (high - low) + low).to(DEVICE, dtype)
+    t = (torch.rand(shape, generator=gen, dtype=F64) * (high - low) + low).to(DEVICE, dtype)
     return t.requires_grad_(requires_grad)
 
 
