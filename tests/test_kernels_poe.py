@@ -1,0 +1,366 @@
+"""The Triton gaussian_poe kernels (kernels/poe.py), run through the public op on the triton
+backend (the interpreter without a GPU).
+
+Expectations come from the maths, not from the code under test: a float64 brute force that
+multiplies the experts of each subset explicitly (precisions summed one expert at a time), the
+defining property of a product of Gaussians (``Σ_j log N(z; mu_j, var_j) − log N(z; mu, var)``
+does not depend on z), and, for gradients, autograd through that brute force.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import mmfast
+from conftest import DEVICE
+from mmfast.ops import gaussian_poe
+
+F64 = torch.float64
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5),
+       torch.float16: (5e-3, 5e-3), torch.bfloat16: (3e-2, 3e-2)}
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, seed: int, dtype=F64) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen(seed), dtype=F64).to(DEVICE, dtype)
+
+
+def uniform(*shape, seed: int, low: float, high: float, dtype=F64) -> torch.Tensor:
+    t = torch.rand(*shape, generator=gen(seed), dtype=F64) * (high - low) + low
+    return t.to(DEVICE, dtype)
+
+
+def random_mask(*shape, seed: int) -> torch.Tensor:
+    return (torch.rand(*shape, generator=gen(seed)) < 0.5).to(DEVICE)
+
+
+def all_subsets_bank(M: int) -> torch.Tensor:
+    return torch.tensor(list(itertools.product([False, True], repeat=M)),
+                        dtype=torch.bool, device=DEVICE).reshape(2 ** M, M)
+
+
+def as_bank(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dim() == 3 else mask.unsqueeze(1)
+
+
+def brute_poe(mu, logvar, mask, prior):
+    """Product of the experts of every subset by explicit loops in float64 (differentiable).
+
+    prior: None, or a pair of ``[B, d]`` tensors. Returns ``[B, (S,) d]`` twice.
+    """
+    B, M, d = mu.shape
+    bank = as_bank(mask).cpu().tolist()
+    out_mu, out_lv = [], []
+    for b in range(B):
+        row_mu, row_lv = [], []
+        for subset in bank[b]:
+            precision = torch.zeros(d, dtype=F64, device=mu.device)
+            weighted = torch.zeros(d, dtype=F64, device=mu.device)
+            experts = [(mu[b, m], logvar[b, m]) for m in range(M) if subset[m]]
+            if prior is not None:
+                experts.append((prior[0][b], prior[1][b]))
+            for m_j, lv_j in experts:
+                lam = torch.exp(-lv_j.to(F64))
+                precision = precision + lam
+                weighted = weighted + lam * m_j.to(F64)
+            if experts:
+                row_mu.append(weighted / precision)
+                row_lv.append(-torch.log(precision))
+            else:                                   # empty product, no prior: mu 0, logvar 0
+                row_mu.append(precision * 0)
+                row_lv.append(precision * 0)
+        out_mu.append(torch.stack(row_mu))
+        out_lv.append(torch.stack(row_lv))
+    out_mu, out_lv = torch.stack(out_mu), torch.stack(out_lv)
+    if mask.dim() == 2:
+        return out_mu[:, 0], out_lv[:, 0]
+    return out_mu, out_lv
+
+
+def prior_pair(kind: str, B: int, d: int, dtype, seed: int):
+    """(argument for gaussian_poe, the [B, d] pair the brute force uses or None)."""
+    if kind == "none":
+        return False, None
+    if kind == "standard":
+        zero = torch.zeros(B, d, dtype=dtype, device=DEVICE)
+        return True, (zero, zero)
+    shape = (d,) if kind == "shared" else (B, d)
+    p_mu = randn(*shape, seed=seed, dtype=dtype).requires_grad_(True)
+    p_lv = uniform(*shape, seed=seed + 1, low=-3, high=3, dtype=dtype).requires_grad_(True)
+    return (p_mu, p_lv), (p_mu.expand(B, d), p_lv.expand(B, d))
+
+
+def check(mu, logvar, mask, prior_kind, seed, only=None):
+    """Values and gradients (for mu, logvar and an explicit prior) against the brute force.
+
+    only: None (both outputs get an upstream gradient), "mu" or "logvar" (the other output
+    is unused, so its gradient arrives as zeros).
+    """
+    B, M, d = mu.shape
+    dtype = mu.dtype
+    prior_arg, prior_bd = prior_pair(prior_kind, B, d, dtype, seed)
+    mu = mu.detach().clone().requires_grad_(True)
+    logvar = logvar.detach().clone().requires_grad_(True)
+    leaves = [mu, logvar] + (list(prior_arg) if isinstance(prior_arg, tuple) else [])
+    with mmfast.use_backend("triton"):
+        out_mu, out_lv = gaussian_poe(mu, logvar, mask, prior_arg)
+    assert out_mu.dtype == dtype and out_lv.dtype == dtype
+    assert out_mu.is_contiguous() and out_lv.is_contiguous()
+
+    leaves64 = [t.detach().to(F64).requires_grad_(True) for t in leaves]
+    if prior_kind in ("shared", "per_row"):
+        prior64 = (leaves64[2].expand(B, d), leaves64[3].expand(B, d))
+    else:
+        prior64 = None if prior_bd is None else tuple(t.to(F64) for t in prior_bd)
+    exp_mu, exp_lv = brute_poe(leaves64[0], leaves64[1], mask, prior64)
+    rtol, atol = TOL[dtype]
+    lv_scale = 1 + float(exp_lv.detach().abs().max()) if exp_lv.numel() else 1.0
+    torch.testing.assert_close(out_mu.to(F64), exp_mu.detach(), rtol=rtol, atol=atol * 4)
+    torch.testing.assert_close(out_lv.to(F64), exp_lv.detach(), rtol=rtol, atol=atol * lv_scale)
+
+    g_mu = randn(*exp_mu.shape, seed=seed + 7) * 1.3 + 0.2
+    g_lv = randn(*exp_lv.shape, seed=seed + 8) * 0.7 - 0.4
+    if only == "mu":
+        g_lv = torch.zeros_like(g_lv)
+    elif only == "logvar":
+        g_mu = torch.zeros_like(g_mu)
+    pairs = {"mu": [(out_mu, g_mu)], "logvar": [(out_lv, g_lv)]}.get(
+        only, [(out_mu, g_mu), (out_lv, g_lv)])
+    got = torch.autograd.grad([o for o, _ in pairs], leaves, [g.to(dtype) for _, g in pairs])
+    expected = torch.autograd.grad((exp_mu * g_mu).sum() + (exp_lv * g_lv).sum(), leaves64,
+                                   allow_unused=True)
+    for name, a, e in zip(("mu", "logvar", "prior_mu", "prior_logvar"), got, expected):
+        assert a.dtype == dtype and a.shape == e.shape, name
+        S = as_bank(mask).shape[1]
+        torch.testing.assert_close(a.to(F64), e, rtol=rtol * 4, atol=atol * 4 * max(1, S) ** 0.5,
+                                   msg=lambda m: f"gradient of {name}: {m}")
+    return out_mu, out_lv
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prior_kind", ["standard", "none", "shared", "per_row"])
+def test_row_masks(prior_kind, dtype):
+    B, M, d = 5, 3, 17
+    mask = random_mask(B, M, seed=1)
+    mask[0] = False
+    mask[1] = True
+    check(randn(B, M, d, seed=2, dtype=dtype),
+          uniform(B, M, d, seed=3, low=-4, high=4, dtype=dtype), mask, prior_kind, seed=4)
+
+
+@pytest.mark.parametrize("prior_kind", ["standard", "none", "shared", "per_row"])
+@pytest.mark.parametrize("M,d", [(1, 1), (3, 100), (5, 17)])
+def test_shared_bank_of_every_subset(M, d, prior_kind):
+    bank = all_subsets_bank(M)
+    mask = bank.expand(3, *bank.shape)
+    assert mask.stride(0) == 0
+    check(randn(3, M, d, seed=M + d), uniform(3, M, d, seed=M * d, low=-5, high=5),
+          mask, prior_kind, seed=11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_row_bank(dtype):
+    mask = random_mask(4, 6, 5, seed=21)
+    mask[0] = False
+    mask[1, 0] = True
+    check(randn(4, 5, 23, seed=22, dtype=dtype),
+          uniform(4, 5, 23, seed=23, low=-3, high=3, dtype=dtype), mask, "per_row", seed=24)
+
+
+@pytest.mark.parametrize("only", ["mu", "logvar"])
+@pytest.mark.parametrize("prior_kind", ["standard", "shared"])
+def test_one_output_unused(only, prior_kind):
+    mask = all_subsets_bank(3).expand(2, 8, 3)
+    check(randn(2, 3, 9, seed=31), uniform(2, 3, 9, seed=32, low=-2, high=2), mask, prior_kind,
+          seed=33, only=only)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("prior_kind", ["standard", "none"])
+def test_extreme_logvars_stay_finite_and_exact(prior_kind, dtype):
+    """logvar at ±30: precisions from e^-30 to e^30 in one product."""
+    B, M, d = 3, 4, 10
+    logvar = uniform(B, M, d, seed=41, low=-30, high=30, dtype=dtype)
+    logvar[:, 0, :5] = 30.0
+    logvar[:, 1, :5] = -30.0
+    logvar[:, 2, 5:] = 30.0
+    logvar[:, 3, 5:] = 30.0
+    mask = all_subsets_bank(M).expand(B, 16, M)
+    out_mu, out_lv = check(randn(B, M, d, seed=42, dtype=dtype), logvar, mask, prior_kind,
+                           seed=43)
+    assert torch.isfinite(out_mu).all() and torch.isfinite(out_lv).all()
+
+
+def test_is_the_product_of_the_expert_densities():
+    """Σ_j log N(z; mu_j, var_j) − log N(z; mu, var) is the same for every z."""
+    B, M, d = 3, 4, 6
+    mu = randn(B, M, d, seed=51)
+    logvar = uniform(B, M, d, seed=52, low=-2, high=2)
+    mask = random_mask(B, M, seed=53)
+    mask[:, 0] = True
+    with mmfast.use_backend("triton"):
+        out_mu, out_lv = gaussian_poe(mu, logvar, mask, prior=True)
+
+    def log_normal(z, m, lv):
+        return -0.5 * (math.log(2 * math.pi) + lv + (z - m) ** 2 / torch.exp(lv))
+
+    zs = randn(5, B, d, seed=54) * 3
+    gaps = []
+    for z in zs:
+        experts = log_normal(z, torch.zeros_like(z), torch.zeros_like(z))      # the N(0, I) prior
+        for m in range(M):
+            experts = experts + torch.where(mask[:, m:m + 1], log_normal(z, mu[:, m], logvar[:, m]),
+                                            0.0)
+        gaps.append(experts - log_normal(z, out_mu, out_lv))
+    gaps = torch.stack(gaps)
+    torch.testing.assert_close(gaps, gaps[:1].expand_as(gaps), rtol=1e-9, atol=1e-9)
+
+
+def test_tiles_over_d_and_sixty_four_modalities():
+    """M = 64 with d = 1030 takes two feature blocks of the interpreter's widest tile and one
+    subset per chunk; a bank with the empty and the full set."""
+    bank = random_mask(5, 64, seed=61)
+    bank[0] = False
+    bank[1] = True
+    check(randn(2, 64, 1030, seed=62, dtype=torch.float32),
+          uniform(2, 64, 1030, seed=63, low=-6, high=6, dtype=torch.float32),
+          bank.expand(2, 5, 64), "shared", seed=64)
+
+
+def test_big_bank_many_chunks():
+    bank = all_subsets_bank(8)[1:]
+    check(randn(2, 8, 40, seed=71, dtype=torch.float32),
+          uniform(2, 8, 40, seed=72, low=-8, high=8, dtype=torch.float32),
+          bank.expand(2, 255, 8), "standard", seed=73)
+
+
+def test_non_contiguous_inputs():
+    mu = randn(9, 3, 4, seed=81).permute(2, 1, 0)          # [4, 3, 9]
+    logvar = uniform(3, 4, 9, seed=82, low=-2, high=2).transpose(0, 1)
+    mask = random_mask(3, 4, seed=83).t()
+    assert not mu.is_contiguous() and not logvar.is_contiguous() and not mask.is_contiguous()
+    check(mu, logvar, mask, "per_row", seed=84)
+
+
+def test_unused_modalities_are_never_read():
+    B, M, d = 4, 5, 7
+    mu = randn(B, M, d, seed=91)
+    logvar = uniform(B, M, d, seed=92, low=-2, high=2)
+    mask = random_mask(B, 3, M, seed=93)
+    mask[:, :, 4] = False
+    mask[2:, :, 1] = False
+    bad_mu, bad_lv = mu.clone(), logvar.clone()
+    bad_mu[:, 4], bad_lv[:, 4] = float("nan"), float("nan")
+    bad_mu[2:, 1], bad_lv[2:, 1] = float("inf"), float("-inf")
+    for m in (mask, mask[:, 0]):
+        bad = [bad_mu.clone().requires_grad_(True), bad_lv.clone().requires_grad_(True)]
+        with mmfast.use_backend("triton"):
+            out = gaussian_poe(*bad, m, prior=False)
+            grads = torch.autograd.grad(out, bad, [torch.ones_like(o) for o in out])
+        for t in (*out, *grads):
+            assert torch.isfinite(t).all()
+        expected = brute_poe(mu, logvar, m, None)
+        for a, e in zip(out, expected):
+            torch.testing.assert_close(a, e)
+        assert torch.equal(grads[0][:, 4], torch.zeros_like(grads[0][:, 4]))
+
+
+def test_empty_bank_and_zero_width():
+    mu = randn(2, 3, 4, seed=101)
+    with mmfast.use_backend("triton"):
+        out_mu, out_lv = gaussian_poe(mu, mu, torch.zeros(2, 0, 3, dtype=torch.bool, device=DEVICE), True)
+    assert out_mu.shape == (2, 0, 4) and out_lv.shape == (2, 0, 4)
+    check(randn(2, 3, 0, seed=102), randn(2, 3, 0, seed=103), random_mask(2, 3, seed=104),
+          "standard", seed=105)
+
+
+def test_inputs_not_mutated():
+    mu, logvar = randn(3, 4, 5, seed=111), randn(3, 4, 5, seed=112)
+    mask = random_mask(3, 2, 4, seed=113)
+    p = (randn(5, seed=114), randn(5, seed=115))
+    before = [t.clone() for t in (mu, logvar, mask, *p)]
+    with mmfast.use_backend("triton"):
+        gaussian_poe(mu, logvar, mask, p)
+    for old, new in zip(before, (mu, logvar, mask, *p)):
+        assert torch.equal(old, new)
+
+
+def test_gradcheck():
+    mu = randn(2, 3, 2, seed=121).requires_grad_(True)
+    logvar = uniform(2, 3, 2, seed=122, low=-1, high=1).requires_grad_(True)
+    p_mu = randn(2, seed=123).requires_grad_(True)
+    p_lv = uniform(2, seed=124, low=-1, high=1).requires_grad_(True)
+    bank = all_subsets_bank(3).expand(2, 8, 3)
+    with mmfast.use_backend("triton"):
+        assert torch.autograd.gradcheck(
+            lambda a, b, c, e: gaussian_poe(a, b, bank, (c, e)), (mu, logvar, p_mu, p_lv))
+        assert torch.autograd.gradcheck(
+            lambda a, b: gaussian_poe(a, b, bank[:, 3], False), (mu, logvar))
+
+
+def test_backward_is_bitwise_deterministic():
+    mu = randn(2, 8, 64, seed=131, dtype=torch.float32).requires_grad_(True)
+    logvar = uniform(2, 8, 64, seed=132, low=-5, high=5, dtype=torch.float32).requires_grad_(True)
+    bank = all_subsets_bank(8)[1:].expand(2, 255, 8)
+    g = randn(2, 255, 64, seed=133, dtype=torch.float32)
+
+    def grads():
+        with mmfast.use_backend("triton"):
+            out = gaussian_poe(mu, logvar, bank, True)
+            return torch.autograd.grad(out, (mu, logvar), (g, g * 0.5))
+
+    first = grads()
+    for _ in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(grads(), first))
+
+
+# --- GPU only -------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("B,M,d,S", [(257, 8, 64, 255), (1000, 3, 300, None), (9, 64, 40, 33)])
+def test_cuda_low_precision_tolerances(B, M, d, S, dtype):
+    """Against the float64 reference on the GPU (which the generic op tests hold to the brute
+    force), values and gradients."""
+    from mmfast.ops import reference as ref
+    mu = randn(B, M, d, seed=141, dtype=dtype).requires_grad_(True)
+    logvar = uniform(B, M, d, seed=142, low=-8, high=8, dtype=dtype).requires_grad_(True)
+    mask = random_mask(B, M, seed=143) if S is None else random_mask(S, M, seed=144).expand(B, S, M)
+    zero = torch.zeros(B, d, dtype=F64, device=DEVICE)
+    with mmfast.use_backend("triton"):
+        out = gaussian_poe(mu, logvar, mask, True)
+    leaves64 = [t.detach().to(F64).requires_grad_(True) for t in (mu, logvar)]
+    expected = ref.gaussian_poe(*leaves64, mask, zero, zero)
+    g = [randn(*o.shape, seed=145 + i) for i, o in enumerate(expected)]
+    got = torch.autograd.grad(out, (mu, logvar), [t.to(dtype) for t in g])
+    want = torch.autograd.grad(expected, leaves64, g)
+    rtol, atol = TOL[dtype]
+    for a, e in zip((*out, *got), (*expected, *want)):
+        torch.testing.assert_close(a.to(F64), e.detach(), rtol=rtol * 4, atol=atol * 10)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_backward_identical_over_100_repeats(dtype):
+    mu = randn(512, 8, 64, seed=151, dtype=dtype).requires_grad_(True)
+    logvar = uniform(512, 8, 64, seed=152, low=-5, high=5, dtype=dtype).requires_grad_(True)
+    p = (randn(64, seed=153, dtype=dtype).requires_grad_(True),
+         uniform(64, seed=154, low=-1, high=1, dtype=dtype).requires_grad_(True))
+    bank = all_subsets_bank(8)[1:].expand(512, 255, 8)
+    g = randn(512, 255, 64, seed=155, dtype=dtype)
+
+    def grads():
+        with mmfast.use_backend("triton"):
+            out = gaussian_poe(mu, logvar, bank, p)
+            return torch.autograd.grad(out, (mu, logvar, *p), (g, g))
+
+    first = grads()
+    for _ in range(100):
+        assert all(torch.equal(a, b) for a, b in zip(grads(), first))
