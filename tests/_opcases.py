@@ -151,3 +151,9 @@ def assert_unchanged(before, tensors) -> None:
 def close(actual: torch.Tensor, expected: torch.Tensor, dtype=F64, scale: float = 1.0) -> None:
     rtol, atol = TOLERANCE[dtype]
     torch.testing.assert_close(actual.to(F64), expected.to(F64), rtol=rtol, atol=atol * scale)
+
+
+def gradcheck(fn, inputs, backend: str) -> bool:
+    """``torch.autograd.gradcheck`` in float64; on the interpreted triton backend in fast mode
+    (random projections of the Jacobian), which costs a few calls instead of one per element."""
+    return torch.autograd.gradcheck(fn, inputs, fast_mode=backend == "triton")
