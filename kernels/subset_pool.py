@@ -23,11 +23,11 @@ from mmfast.backend import triton_interpreting
 @triton.jit
 def _pool_forward_kernel(
     x_ptr, mask_ptr, bias_ptr, out_ptr,
-    S, M, D,
+    S, D,
     stride_xb, stride_xm, stride_xd,
     stride_kb, stride_ks, stride_km,
     stride_ob, stride_os,
-    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    M: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -39,7 +39,9 @@ def _pool_forward_kernel(
     x_row = x_ptr + row * stride_xb + offs_d.to(tl.int64) * stride_xd
 
     acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=ACC_DTYPE)
-    for m in range(0, M):
+    # M is a compile-time constant (a model has few modalities): the loop unrolls and the row
+    # loads of all modalities are in flight together.
+    for m in tl.static_range(M):
         member = tl.load(mask_row + m * stride_km, mask=valid_s, other=0) != 0      # [BLOCK_S]
         # Skip the load when no subset of the block holds m: a missing modality's features
         # (possibly NaN) are never read, and no bandwidth is spent on them.
@@ -147,11 +149,11 @@ def launch_pool(x: torch.Tensor, mask: torch.Tensor,
     has_bias = bias is not None
     _pool_forward_kernel[grid](
         x, mask_bytes, bias.contiguous() if has_bias else x, out,
-        S, M, D,
+        S, D,
         x.stride(0), x.stride(1), x.stride(2),
         skb, sks, skm,
         out.stride(0), D if mask.dim() == 3 else 0,
-        HAS_BIAS=has_bias, ACC_DTYPE=_acc_dtype(x.dtype),
+        M=M, HAS_BIAS=has_bias, ACC_DTYPE=_acc_dtype(x.dtype),
         BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps,
     )
     return out
