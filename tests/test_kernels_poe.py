@@ -275,7 +275,8 @@ def test_unused_modalities_are_never_read():
 def test_empty_bank_and_zero_width():
     mu = randn(2, 3, 4, seed=101)
     with mmfast.use_backend("triton"):
-        out_mu, out_lv = gaussian_poe(mu, mu, torch.zeros(2, 0, 3, dtype=torch.bool, device=DEVICE), True)
+        empty = torch.zeros(2, 0, 3, dtype=torch.bool, device=DEVICE)
+        out_mu, out_lv = gaussian_poe(mu, mu, empty, True)
     assert out_mu.shape == (2, 0, 4) and out_lv.shape == (2, 0, 4)
     check(randn(2, 3, 0, seed=102), randn(2, 3, 0, seed=103), random_mask(2, 3, seed=104),
           "standard", seed=105)

@@ -132,8 +132,8 @@ def test_low_precision(backend, dtype):
 
 
 def test_transform_first_rule():
-    """Multiply-adds per row: M·D·out + S·M·out for transform-then-pool against S·M·D + S·D·out
-    for pool-then-transform."""
+    """Multiply-adds per row: M·D·out + S·M·out for transform-then-pool against
+    S·M·D + S·D·out for pool-then-transform."""
     assert transform_first(255, 8, 512, 256)       # a full bank: M rows, not 255
     assert not transform_first(1, 8, 512, 256)     # one subset per row: pool first
     assert not transform_first(4, 8, 512, 256)     # fewer subsets than modalities

@@ -25,7 +25,8 @@ _KERNEL = "subset_pool"
 _POOL_OP = "subset_sum_pool"
 
 
-def transform_first(num_subsets: int, num_modalities: int, features: int, out_features: int) -> bool:
+def transform_first(num_subsets: int, num_modalities: int, features: int,
+                    out_features: int) -> bool:
     """Whether transforming the M rows and pooling afterwards costs fewer multiply-adds than
     pooling the S subsets and transforming each (per batch row):
     ``M·D·out + S·M·out`` against ``S·M·D + S·D·out``."""
