@@ -41,3 +41,60 @@ def test_mcc_recovers_permutation_sign_and_scale():
     assert mcc(z, (z + torch.randn(1000, 4, generator=gen))[:, [1, 0, 3, 2]]) == pytest.approx(2 ** -0.5, abs=0.05)
     with pytest.raises(ValueError, match="same N"):
         mcc(z, z[:10])
+
+
+# ------------------------------------------------------------------ LinearGaussian diagnostics
+from types import SimpleNamespace  # noqa: E402
+
+from torch.distributions import MultivariateNormal  # noqa: E402
+
+from mmfast.data import LinearGaussian  # noqa: E402
+from mmfast.eval import linear_gaussian_report  # noqa: E402
+
+
+class _ExactMinusC(torch.nn.Module):
+    """objective value = exact log p(x_observed) (dense Gaussian) - c for every subset."""
+
+    def __init__(self, lg, c):
+        super().__init__()
+        self.lg, self.c = lg, c
+
+    def objective(self, x, observed=None, subset=None, kind="masked", num_samples=1):
+        xs = torch.cat([x[f"x{m}"].double() for m in range(len(self.lg.loadings))], 1)
+        W, b = torch.cat(self.lg.loadings), torch.cat(self.lg.biases)
+        ll = MultivariateNormal(b, W @ W.T + torch.eye(len(b), dtype=torch.float64)).log_prob(xs)
+        return SimpleNamespace(value=(ll - self.c)[:, None].expand(*subset.shape[:2]))
+
+
+def test_linear_gaussian_report_gap_and_kl():
+    lg = LinearGaussian(num_samples=30, num_modalities=2, private_dim=1, shared_dim=1, dims=[3, 4], seed=0)
+    decoders = []
+    for W, b in zip(lg.loadings, lg.biases):
+        lin = torch.nn.Linear(W.shape[1], W.shape[0]).double()
+        with torch.no_grad():
+            lin.weight.copy_(W)
+            lin.bias.copy_(b)
+        decoders.append(lin)
+    delta = 0.3
+
+    def posterior_fn(x, mask):
+        # exact diagonal posterior (orthonormal loadings): precision 1 + #modalities seeing it
+        mean, precision = lg.posterior(x, mask)
+        var = 1 / torch.diagonal(precision, dim1=-2, dim2=-1)
+        shifted = mean.clone()
+        shifted[:, 0] += delta
+        return SimpleNamespace(mu=shifted, logvar=var.log())
+
+    out = linear_gaussian_report(_ExactMinusC(lg, 2.0), lg, decoders, 1.0, posterior_fn,
+                                 kind="masked", batch_size=7)
+    xs = torch.cat([lg.x["x0"], lg.x["x1"]], 1).double()
+    W, b = torch.cat(lg.loadings), torch.cat(lg.biases)
+    exact = MultivariateNormal(b, W @ W.T + torch.eye(7, dtype=torch.float64)).log_prob(xs)
+    assert out["exact_llh"] == pytest.approx(float(exact.mean()), rel=1e-9)
+    assert out["gap"] == pytest.approx(2.0 / abs(float(exact.mean())), rel=1e-9)
+    # KL of N(μ + δ e_0, Λ^{-1}) to N(μ, Λ^{-1}) with diagonal Λ is δ² Λ_00 / 2; coordinate 0 is
+    # modality 0's private latent: Λ_00 = 2 when x0 is given, 1 otherwise.
+    assert out["kl_full"] == pytest.approx(delta ** 2 * 2 / 2, rel=1e-9)
+    assert out["kl_x0"] == pytest.approx(delta ** 2 * 2 / 2, rel=1e-9)
+    assert out["kl_x1"] == pytest.approx(delta ** 2 * 1 / 2, rel=1e-9)
+    assert out["kl_exact"] == 1.0
