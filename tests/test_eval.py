@@ -98,3 +98,23 @@ def test_linear_gaussian_report_gap_and_kl():
     assert out["kl_x0"] == pytest.approx(delta ** 2 * 2 / 2, rel=1e-9)
     assert out["kl_x1"] == pytest.approx(delta ** 2 * 1 / 2, rel=1e-9)
     assert out["kl_exact"] == 1.0
+
+
+def test_pictures_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    from mmfast.eval import plots
+    from mmfast.train.metrics import MetricsLogger
+
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    for step in range(1, 6):
+        log.log(step, 0, {"train/objective": -100.0 / step})
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(300, 2, generator=gen)
+    made = [plots.training_curves(tmp_path / "metrics.csv", tmp_path / "curves.png"),
+            plots.latents_figure(z, z[:, [1, 0]] * 2, tmp_path / "latents.png"),
+            plots.gap_kl_figure({"SumPooling": {"masked: gap": 0.001, "mixture: gap": 0.05,
+                                                "masked: KL full": 0.1, "mixture: KL full": 2.0,
+                                                "masked: KL single": 0.2, "mixture: KL single": 1.0}},
+                                tmp_path / "gap.png")]
+    for path in made:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
