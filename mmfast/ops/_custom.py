@@ -14,6 +14,25 @@ from typing import Callable, Sequence
 import torch
 
 
+_FUNCTORCH_KEYS = tuple(getattr(torch._C.DispatchKey, k) for k in (
+    "FuncTorchDynamicLayerBackMode", "FuncTorchDynamicLayerFrontMode", "FuncTorchGradWrapper",
+    "FuncTorchBatched", "FuncTorchVmapMode"))
+
+
+def _functorch_enabled():
+    """A guard under which torch.func works inside a custom-op implementation.
+
+    When a TorchDispatchMode is active (FlopCounterMode, opcheck's schema and fake-tensor
+    checks), the implementation runs with the functorch dispatch keys excluded, and
+    ``torch.func.vjp`` then fails with "Cannot access data pointer of Tensor that doesn't have
+    storage". Re-admitting just those keys for the duration of the vjp fixes that.
+    """
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in _FUNCTORCH_KEYS:
+        exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
 def reference_vjp(fn: Callable, primals: Sequence[torch.Tensor | None],
                   grads: Sequence[torch.Tensor | None], *args) -> list[torch.Tensor | None]:
     """Gradients of ``fn(*primals, *args)`` with respect to the non-None ``primals``.
@@ -29,14 +48,15 @@ def reference_vjp(fn: Callable, primals: Sequence[torch.Tensor | None],
             full[i] = t
         return fn(*full, *args)
 
-    outputs, pull = torch.func.vjp(call, *[primals[i] for i in present])
-    if isinstance(outputs, tuple):
-        cot = tuple(torch.zeros_like(o) if g is None else g.to(o.dtype)
-                    for o, g in zip(outputs, grads))
-    else:
-        g = grads[0]
-        cot = torch.zeros_like(outputs) if g is None else g.to(outputs.dtype)
-    pulled = pull(cot)
+    with _functorch_enabled():
+        outputs, pull = torch.func.vjp(call, *[primals[i] for i in present])
+        if isinstance(outputs, tuple):
+            cot = tuple(torch.zeros_like(o) if g is None else g.to(o.dtype)
+                        for o, g in zip(outputs, grads))
+        else:
+            g = grads[0]
+            cot = torch.zeros_like(outputs) if g is None else g.to(outputs.dtype)
+        pulled = pull(cot)
     result: list[torch.Tensor | None] = [None] * len(primals)
     for i, g in zip(present, pulled):
         result[i] = g.contiguous()  # the fake implementations promise contiguous gradients
