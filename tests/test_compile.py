@@ -21,9 +21,14 @@ def t(*shape, requires_grad=False, seed=0):
     return torch.randn(shape, generator=gen, dtype=F64).to(DEVICE).requires_grad_(requires_grad)
 
 
+def leaf(*shape, seed=0):
+    return t(*shape, requires_grad=True, seed=seed)
+
+
 def shared_bank():
     """A [S, M] bank expanded to [B, S, M] with stride 0 (empty and full sets included)."""
-    bank = torch.tensor([[0, 0, 0], [1, 0, 0], [0, 1, 1], [1, 1, 1]], dtype=torch.bool, device=DEVICE)
+    bank = torch.tensor([[0, 0, 0], [1, 0, 0], [0, 1, 1], [1, 1, 1]], dtype=torch.bool,
+                        device=DEVICE)
     return bank.expand(B, S, M)
 
 
@@ -60,14 +65,15 @@ def poe_cases():
 
 
 def density_cases():
-    z, mu, logvar = t(K, B, d, requires_grad=True), t(B, d, requires_grad=True), t(B, d, requires_grad=True, seed=1)
-    logits, cmu, clogvar = t(4, requires_grad=True), t(4, d, requires_grad=True), t(4, d, requires_grad=True, seed=1)
+    z, mu, logvar = leaf(K, B, d), leaf(B, d), leaf(B, d, seed=1)
+    logits, cmu, clogvar = leaf(4), leaf(4, d), leaf(4, d, seed=1)
     g = t(K, B)
     return [(mm.gaussian_log_prob, (z, mu, logvar)),
             (mm.gaussian_log_prob, (z, mu.detach().expand(B, d), logvar)),
             (mm.gaussian_log_prob_backward, (g, z.detach(), mu.detach(), logvar.detach())),
             (mm.mixture_log_prob, (z, logits, cmu, clogvar)),
-            (mm.mixture_log_prob_backward, (g, z.detach(), logits.detach(), cmu.detach(), clogvar.detach()))]
+            (mm.mixture_log_prob_backward,
+             (g, z.detach(), logits.detach(), cmu.detach(), clogvar.detach()))]
 
 
 def likelihood_cases():
@@ -92,7 +98,7 @@ def terms_cases():
     for batch in ((B,), (B, S)):
         mu_s, logvar_s = t(*batch, d, requires_grad=True), t(*batch, d, requires_grad=True, seed=1)
         eps_s = t(K, *batch, d, requires_grad=True, seed=2)
-        mixture = (t(4, requires_grad=True), t(4, d, requires_grad=True), t(4, d, requires_grad=True, seed=3))
+        mixture = (leaf(4), leaf(4, d), leaf(4, d, seed=3))
         for prior in ((None, None, None), mixture):
             for stl in (True, False):
                 cases.append((mm.gaussian_subset_terms, (mu_s, logvar_s, eps_s, *prior, stl)))
@@ -100,7 +106,7 @@ def terms_cases():
             cases.append((mm.gaussian_subset_terms_backward,
                           (None, t(K, *batch), t(K, *batch, seed=4), mu_s.detach(), logvar_s.detach(),
                            eps_s.detach(), *detached, True)))
-        mu_f, logvar_f, eps_f = t(B, d, requires_grad=True), t(B, d, requires_grad=True, seed=5), t(K, B, d, requires_grad=True)
+        mu_f, logvar_f, eps_f = leaf(B, d), leaf(B, d, seed=5), leaf(K, B, d)
         for stl in (True, False):
             cases.append((mm.gaussian_full_terms, (mu_f, logvar_f, eps_f, mu_s, logvar_s, stl)))
         cases.append((mm.gaussian_full_terms_backward,
@@ -122,12 +128,14 @@ FAMILIES = {
 
 
 def test_every_op_of_the_contract_is_covered():
-    registered = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("mmfast::")}
+    registered = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names()
+                  if n.startswith("mmfast::")}
     covered = {name for _, names, _ in FAMILIES.values() for name in names}
     for name in covered:
         assert name in registered and f"{name}_backward" in registered
     with mmfast.use_backend("reference"):
-        checked = {case[0]._qualified_op_name for _, _, build in FAMILIES.values() for case in build()}
+        checked = {case[0]._qualified_op_name for _, _, build in FAMILIES.values()
+                   for case in build()}
     assert checked == {f"mmfast::{n}" for n in covered} | {f"mmfast::{n}_backward" for n in covered}
 
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from _opcases import (gradcheck, F64, MASK_KINDS, TOLERANCE, assert_unchanged, cases, close, cotangent_like,
-                      generator, grads, make_mask, mask_bank, nan_test_mask, randn, snapshot,
-                      unused_modalities)
+from _opcases import (F64, MASK_KINDS, TOLERANCE, assert_unchanged, cases, close, cotangent_like,
+                      generator, gradcheck, grads, make_mask, mask_bank, nan_test_mask, randn,
+                      snapshot, unused_modalities)
 from conftest import DEVICE, require_backend
 from mmfast.ops import subset_attention
 

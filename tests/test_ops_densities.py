@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
-from _opcases import (gradcheck, F64, assert_unchanged, cases, close, cotangent_like, generator, grads, randn,
-                      snapshot, uniform)
+from _opcases import (F64, assert_unchanged, cases, close, cotangent_like, generator, gradcheck,
+                      grads, randn, snapshot, uniform)
 from conftest import require_backend
 from mmfast.ops import gaussian_log_prob, mixture_log_prob
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Categorical, Laplace, Normal
 
-from _opcases import (gradcheck, F64, assert_unchanged, cases, close, cotangent_like, generator, grads, randn,
-                      snapshot, uniform)
+from _opcases import (F64, assert_unchanged, cases, close, cotangent_like, generator, gradcheck,
+                      grads, randn, snapshot, uniform)
 from conftest import DEVICE, require_backend
 from mmfast.ops import bernoulli_log_prob, categorical_log_prob, laplace_log_prob, normal_log_prob
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from _opcases import (gradcheck, F64, MASK_KINDS, TOLERANCE, assert_unchanged, cases, close, cotangent_like,
-                      generator, grads, make_mask, mask_bank, nan_test_mask, randn, snapshot,
-                      uniform, unused_modalities)
+from _opcases import (F64, MASK_KINDS, TOLERANCE, assert_unchanged, cases, close, cotangent_like,
+                      generator, gradcheck, grads, make_mask, mask_bank, nan_test_mask, randn,
+                      snapshot, uniform, unused_modalities)
 from conftest import DEVICE, require_backend
 from mmfast.ops import gaussian_poe
 
