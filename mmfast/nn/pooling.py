@@ -47,7 +47,13 @@ class SumPooling(nn.Module):
         return gaussian_head(out, self.latent_dim)
 
     def pool_rho_in(self, g: Tensor, mask: Tensor) -> Tensor:
-        """``rho_in(Σ_{m∈S} g_m)``: g ``[B, M, P]`` -> ``[B, (S,) hidden]``."""
+        """``rho_in(Σ_{m∈S} g_m)``: g ``[B, M, P]`` -> ``[B, (S,) hidden]``.
+
+        For a bank of more subsets than modalities (S > M) the M rows are transformed once and
+        pooled afterwards (``ops.subset_pool_linear``), instead of transforming S pooled rows.
+        """
+        if mask.dim() == 3 and mask.shape[1] > mask.shape[2]:
+            return ops.subset_pool_linear(g, mask, self.rho_in.weight, self.rho_in.bias)
         return self.rho_in(ops.subset_sum_pool(g, mask))
 
     def forward(self, features: Tensor, mask: Tensor):
