@@ -15,9 +15,14 @@ from typing import Callable, Sequence
 
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  (recompile limit below)
 
 import mmfast
 from mmfast.backend import triton_can_run
+
+# One compiled reference serves every shape of a suite (dynamic=False): allow a recompile per
+# shape instead of silently falling back to eager after the default limit of 8.
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
