@@ -23,6 +23,8 @@ from mmfast.subsets import all_subsets
 
 def _diag_params(q):
     """(mean, var) of a diagonal Gaussian posterior object, or None for other families."""
+    if hasattr(q, "logits"):  # a mixture (MoE, *Mixture aggregators)
+        return None
     for mu_name, lv_name in (("mu", "logvar"), ("loc", "logvar")):
         if hasattr(q, mu_name) and hasattr(q, lv_name):
             mu, lv = getattr(q, mu_name), getattr(q, lv_name)
