@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -143,7 +143,7 @@ class MultiModalVAE(nn.Module):
             if h.shape != like.shape:
                 raise ValueError(f"MultiModalVAE: encoder of {n!r} gave {list(h.shape)}; all encoders "
                                  f"must give [B, E] = {list(like.shape)}")
-        return torch.stack([feats[n] if n in feats else torch.zeros_like(like) for n in self.names], 1)
+        return torch.stack([feats.get(n, torch.zeros_like(like)) for n in self.names], dim=1)
 
     def _check_mask(self, name: str, mask, B: int, device) -> Tensor:
         M = self.num_modalities
@@ -195,7 +195,9 @@ class MultiModalVAE(nn.Module):
                 zs.append(z.reshape(K, -1, z.shape[-1]).index_select(1, index))
                 xs.append(x_m.index_select(0, index // per_row))
         results = []
-        ll = self.modalities[name].log_prob(torch.cat(zs, 1), torch.cat(xs, 0)).to(acc) if zs else None
+        ll = None
+        if zs:
+            ll = self.modalities[name].log_prob(torch.cat(zs, 1), torch.cat(xs, 0)).to(acc)
         start = 0
         for (total, index, shape), n in zip(flats, sizes):
             out = torch.zeros(K, total, dtype=acc, device=index.device)
@@ -206,16 +208,18 @@ class MultiModalVAE(nn.Module):
         return results
 
     def posterior(self, x: Mapping[str, Tensor], given=None):
-        """``q(z | x_given)``: given bool ``[B, M]``, ``[M]``, modality names, or None (all
-        observed modalities). Batch ``[B]`` (``[B, S]`` for a ``[B, S, M]`` bank)."""
-        B = next(iter(x.values())).shape[0] if isinstance(x, Mapping) and x else 0
-        device = next(iter(x.values())).device if B else None
-        observed = None if given is None else self._given_mask(given, B, device)
-        if observed is not None and observed.dim() == 3:
-            B, obs_any, safe = self._prepare(x, observed.any(1))
-            return self.aggregator(self._encode(safe), observed & obs_any.unsqueeze(1))
-        B, observed, safe = self._prepare(x, observed)
-        return self.aggregator(self._encode(safe), observed)
+        """``q(z | x_given)``. ``given``: bool ``[B, M]`` or ``[M]``, modality names, a
+        ``[B, S, M]`` bank, or None (every modality present in x). Modalities outside
+        ``given`` are never read. Batch ``[B]`` (``[B, S]`` for a bank)."""
+        if given is None:
+            _, observed, safe = self._prepare(x, None)
+            return self.aggregator(self._encode(safe), observed)
+        present = [t for t in x.values() if isinstance(t, Tensor)] if isinstance(x, Mapping) else []
+        if not present:
+            raise ValueError(f"MultiModalVAE: x must be a dict holding some of {self.names}")
+        mask = self._given_mask(given, present[0].shape[0], present[0].device)
+        _, observed, safe = self._prepare(x, mask.any(1) if mask.dim() == 3 else mask)
+        return self.aggregator(self._encode(safe), mask)
 
     # ------------------------------------------------------------------ objective
     def objective(self, x: Mapping[str, Tensor], observed: Tensor | None = None,
@@ -233,7 +237,10 @@ class MultiModalVAE(nn.Module):
             num_samples: K importance samples; value = logsumexp_k w_k − log K.
             beta: weight of the rate terms.
             stl: sticking the landing: log q(z_S|x_S) and log q(z|x) see detached parameters;
-                log q(z|x_S) at the full sample and log p(z) do not.
+                log q(z|x_S) at the full sample and log p(z) do not. With a mixture posterior
+                (MoE, *Mixture aggregators) the sample is reparameterised given its component,
+                so the mixture weights learn only through the log-densities that are not
+                detached (see :class:`mmfast.distributions.DiagGaussianMixture`).
         Returns:
             :class:`ObjectiveOutput` (value ``[B]`` or ``[B, S]``).
         """
@@ -242,7 +249,10 @@ class MultiModalVAE(nn.Module):
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"objective: num_samples must be a positive int, got {num_samples!r}")
         B, observed, safe = self._prepare(x, observed)
-        subset = sample_subsets(observed) if subset is None else self._check_mask("subset", subset, B, observed.device)
+        if subset is None:
+            subset = sample_subsets(observed)
+        else:
+            subset = self._check_mask("subset", subset, B, observed.device)
         bank = subset.dim() == 3
         subset3 = (subset if bank else subset.unsqueeze(1)) & observed.unsqueeze(1)   # [B, S, M]
         S = subset3.shape[1]
