@@ -1,0 +1,372 @@
+"""Masked multi-head self-attention over modality subsets, forward and backward.
+
+For row b, head h, subset s and tokens i, j (queries and keys), with head slices q_i, k_j, v_j
+of width Dh = E / H:
+
+    score_ij = scale · q_i · k_j                          (once per row and head)
+    P^s_ij   = exp(score_ij - lse^s_i)  for i, j ∈ s,  else 0
+    lse^s_i  = log Σ_{j ∈ s} exp(score_ij)
+    out^s_i  = Σ_j P^s_ij v_j                              (0 for i ∉ s)
+
+Each subset takes its own max-subtracted softmax over its keys, so no subset loses its
+probabilities to underflow because another subset's keys score higher; an empty subset gives
+zero rows, never NaN.
+
+Saved log-sum-exp (this kernel's own convention, read only by its backward): ``lse^s_i`` as
+above for i ∈ s, and 0 for a query i ∉ s (so every row of an empty subset is 0). The library's
+reference also fills the rows i ∉ s; nothing reads them.
+
+Backward (FlashAttention's, per subset; dO^s the upstream gradient of out^s, rows i ∉ s unread):
+
+    dP^s = dO^s Vᵀ,   D^s_i = Σ_j P^s_ij dP^s_ij,   dS^s = P^s ∘ (dP^s - D^s)
+    dV   = Σ_s P^sᵀ dO^s
+    dQ   = scale · (Σ_s dS^s) K,     dK = scale · (Σ_s dS^s)ᵀ Q
+
+``D^s_i = Σ_j P_ij (dO_i · v_j) = dO_i · out_i``, the FlashAttention row term, computed from
+P and dP rather than by reading ``out`` back: it saves a pass over the largest tensor, and is
+not rounded to a low-precision output dtype. Q and K do not depend on the subset, so the
+backward sums dS over the subsets and multiplies by K and Q once per program.
+
+Layout: one program per (row b, head h) loads the ``[BLOCK_M, BLOCK_D]`` tiles of Q, K and V
+once (only tokens in at least one of its subsets: a missing modality's features are never
+read, so NaN there cannot leak), computes the ``[BLOCK_M, BLOCK_M]`` scores once, then sweeps
+its subsets CHUNK_S at a time: a chunk's probabilities ``[CHUNK_S, BLOCK_M, BLOCK_M]`` are
+flattened to one ``[CHUNK_S·BLOCK_M, BLOCK_M]`` matrix so that the product with V is a single
+``tl.dot``. M and Dh are padded to powers of two of at least 16 (``tl.dot``'s minimum) with
+masks. The forward may split a row's subsets over programs (on the GPU, when rows × heads alone
+would leave SMs idle); the backward gives each program every subset of its row and reduces them
+in a fixed order, so it is deterministic without atomics.
+
+Precision: scores, softmax and every accumulation are float32 (float64 for float64 inputs).
+float16 / bfloat16 inputs enter ``tl.dot`` as they are (their products are exact in the float32
+accumulator); the probabilities and dS are rounded to the input dtype only as dot operands of
+the per-subset products (as in FlashAttention), while the final dQ and dK products take the
+float32 sum of dS. float32 dots use ``input_precision="ieee"`` (no TF32 truncation).
+
+Masks ``[B, M]`` are one subset per row (stride 0 on the subset axis); every input is read by
+strides, so a bank shared by all rows (``bank.expand(B, S, M)``) is never materialised.
+"""
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from mmfast.backend import triton_interpreting
+
+
+@triton.jit
+def _load_members(mask_ptr, row, offs_s, offs_m, S, M, stride_kb, stride_ks, stride_km):
+    """bool ``[CHUNK_S, BLOCK_M]``: whether token m is in subset s (False off the edges)."""
+    valid = (offs_s < S)[:, None] & (offs_m < M)[None, :]
+    ptrs = (mask_ptr + row * stride_kb + offs_s.to(tl.int64)[:, None] * stride_ks
+            + offs_m[None, :] * stride_km)
+    return tl.load(ptrs, mask=valid, other=0) != 0
+
+
+@triton.jit
+def _tokens_used(mask_ptr, row, first, last, offs_m, M, stride_kb, stride_ks, stride_km,
+                 CHUNK_S: tl.constexpr):
+    """bool ``[BLOCK_M]``: tokens in at least one of the subsets ``first <= s < last``."""
+    chunk = tl.arange(0, CHUNK_S)
+    used = tl.zeros(offs_m.shape, dtype=tl.int32)
+    for s0 in range(first, last, CHUNK_S):
+        member = _load_members(mask_ptr, row, s0 + chunk, offs_m, last, M,
+                               stride_kb, stride_ks, stride_km)
+        used = tl.maximum(used, tl.max(member.to(tl.int32), axis=0))
+    return used > 0
+
+
+@triton.jit
+def _load_head(ptr, row, offs_m, cols, used, valid_d, stride_b, stride_m, stride_e):
+    """``[BLOCK_M, BLOCK_D]`` head slice of q, k or v in its own dtype; unused tokens are 0 and
+    never read."""
+    ptrs = (ptr + row * stride_b + offs_m.to(tl.int64)[:, None] * stride_m
+            + cols[None, :] * stride_e)
+    return tl.load(ptrs, mask=used[:, None] & valid_d[None, :], other=0.0)
+
+
+@triton.jit
+def _scale_value(scale_hi, scale_lo, ACC_DTYPE: tl.constexpr):
+    # Float kernel arguments travel as float32; float64 inputs get the scale back to ~48 bits
+    # from a float32 pair (hi + lo).
+    return tl.cast(scale_hi, ACC_DTYPE) + tl.cast(scale_lo, ACC_DTYPE)
+
+
+@triton.jit
+def _attention_forward_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr,
+    S, M, Dh, subsets_per_program, scale_hi, scale_lo,
+    stride_qb, stride_qm, stride_qe,
+    stride_kb, stride_km, stride_ke,
+    stride_vb, stride_vm, stride_ve,
+    stride_mb, stride_ms, stride_mm,
+    stride_ob, stride_os, stride_om,
+    stride_lb, stride_ls, stride_lh,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    first = tl.program_id(2) * subsets_per_program
+    last = tl.minimum(first + subsets_per_program, S)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    chunk = tl.arange(0, CHUNK_S)
+    valid_m = offs_m < M
+    valid_d = offs_d < Dh
+    cols = (head * Dh + offs_d).to(tl.int64)
+    scale = _scale_value(scale_hi, scale_lo, ACC_DTYPE)
+
+    used = _tokens_used(mask_ptr, row, first, last, offs_m, M, stride_mb, stride_ms, stride_mm,
+                        CHUNK_S)
+    q = _load_head(q_ptr, row, offs_m, cols, used, valid_d, stride_qb, stride_qm, stride_qe)
+    k = _load_head(k_ptr, row, offs_m, cols, used, valid_d, stride_kb, stride_km, stride_ke)
+    v = _load_head(v_ptr, row, offs_m, cols, used, valid_d, stride_vb, stride_vm, stride_ve)
+    # The scores of the row are shared by all its subsets: computed once.
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE) * scale
+
+    for s0 in range(first, last, CHUNK_S):
+        offs_s = s0 + chunk
+        member = _load_members(mask_ptr, row, offs_s, offs_m, last, M,
+                               stride_mb, stride_ms, stride_mm)                  # [CS, BM]
+        masked = tl.where(member[:, None, :], scores[None, :, :], float("-inf"))  # [CS, BM, BM]
+        top = tl.max(masked, axis=2)
+        # An empty subset has no finite score: shift by 0 so every exp below is exp(-inf) = 0.
+        top = tl.where(top == float("-inf"), 0.0, top)
+        e = tl.exp(masked - top[:, :, None])
+        denom = tl.sum(e, axis=2)                                                # [CS, BM]
+        # A query in the subset has its own key in it, so its denominator is at least 1;
+        # queries outside the subset get zero rows.
+        inv = tl.where(member, 1.0 / tl.where(member, denom, 1.0), 0.0)
+        probs = (e * inv[:, :, None]).to(v.dtype)
+        out = tl.dot(tl.reshape(probs, (CHUNK_S * BLOCK_M, BLOCK_M)), v,
+                     input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        out = tl.reshape(out, (CHUNK_S, BLOCK_M, BLOCK_D))
+
+        s64 = offs_s.to(tl.int64)
+        keep_s = offs_s < last
+        out_ptrs = (out_ptr + row * stride_ob + s64[:, None, None] * stride_os
+                    + offs_m.to(tl.int64)[None, :, None] * stride_om + cols[None, None, :])
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty),
+                 mask=keep_s[:, None, None] & valid_m[None, :, None] & valid_d[None, None, :])
+        lse = tl.where(member, top + tl.log(tl.where(member, denom, 1.0)), 0.0)
+        lse_ptrs = (lse_ptr + row * stride_lb + s64[:, None] * stride_ls + head * stride_lh
+                    + offs_m[None, :])
+        tl.store(lse_ptrs, lse.to(lse_ptr.dtype.element_ty),
+                 mask=keep_s[:, None] & valid_m[None, :])
+
+
+@triton.jit
+def _attention_backward_kernel(
+    grad_ptr, q_ptr, k_ptr, v_ptr, mask_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr,
+    S, M, Dh, scale_hi, scale_lo,
+    stride_gb, stride_gs, stride_gm, stride_ge,
+    stride_qb, stride_qm, stride_qe,
+    stride_kb, stride_km, stride_ke,
+    stride_vb, stride_vm, stride_ve,
+    stride_mb, stride_ms, stride_mm,
+    stride_lb, stride_ls, stride_lh,
+    stride_db, stride_dm,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    chunk = tl.arange(0, CHUNK_S)
+    valid_m = offs_m < M
+    valid_d = offs_d < Dh
+    cols = (head * Dh + offs_d).to(tl.int64)
+    scale = _scale_value(scale_hi, scale_lo, ACC_DTYPE)
+
+    used = _tokens_used(mask_ptr, row, 0, S, offs_m, M, stride_mb, stride_ms, stride_mm, CHUNK_S)
+    q = _load_head(q_ptr, row, offs_m, cols, used, valid_d, stride_qb, stride_qm, stride_qe)
+    k = _load_head(k_ptr, row, offs_m, cols, used, valid_d, stride_kb, stride_km, stride_ke)
+    v = _load_head(v_ptr, row, offs_m, cols, used, valid_d, stride_vb, stride_vm, stride_ve)
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE) * scale
+
+    dv = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC_DTYPE)
+    ds_sum = tl.zeros((BLOCK_M, BLOCK_M), dtype=ACC_DTYPE)
+    # Every subset of the row, a chunk at a time, always in the same order: deterministic.
+    for s0 in range(0, S, CHUNK_S):
+        offs_s = s0 + chunk
+        s64 = offs_s.to(tl.int64)
+        member = _load_members(mask_ptr, row, offs_s, offs_m, S, M,
+                               stride_mb, stride_ms, stride_mm)                  # [CS, BM]
+        lse = tl.load(lse_ptr + row * stride_lb + s64[:, None] * stride_ls + head * stride_lh
+                      + offs_m[None, :], mask=member, other=0.0).to(ACC_DTYPE)
+        live = member[:, :, None] & member[:, None, :]                           # i, j ∈ s
+        probs = tl.exp(tl.where(live, scores[None, :, :] - lse[:, :, None], float("-inf")))
+        # Rows of queries outside the subset have no effect on anything: not read.
+        grad = tl.load(grad_ptr + row * stride_gb + s64[:, None, None] * stride_gs
+                       + offs_m.to(tl.int64)[None, :, None] * stride_gm
+                       + cols[None, None, :] * stride_ge,
+                       mask=member[:, :, None] & valid_d[None, None, :], other=0.0)
+        grad_flat = tl.reshape(grad, (CHUNK_S * BLOCK_M, BLOCK_D))
+        # dV += Σ_s P^sᵀ dO^s: keys × (subset, query) times (subset, query) × features.
+        probs_t = tl.reshape(tl.permute(probs.to(v.dtype), (2, 0, 1)),
+                             (BLOCK_M, CHUNK_S * BLOCK_M))
+        dv += tl.dot(probs_t, grad_flat, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        dprobs = tl.dot(grad_flat, tl.trans(v), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        dprobs = tl.reshape(dprobs, (CHUNK_S, BLOCK_M, BLOCK_M))
+        row_term = tl.sum(probs * dprobs, axis=2)                                # D^s_i
+        ds_sum += tl.sum(probs * (dprobs - row_term[:, :, None]), axis=0)
+
+    ds_sum = ds_sum * scale
+    dq = tl.dot(ds_sum, k.to(ACC_DTYPE), input_precision="ieee", out_dtype=ACC_DTYPE)
+    dk = tl.dot(tl.trans(ds_sum), q.to(ACC_DTYPE), input_precision="ieee", out_dtype=ACC_DTYPE)
+
+    # Gradients are contiguous [B, M, E]; unused tokens get exact zeros.
+    tile = row * stride_db + offs_m.to(tl.int64)[:, None] * stride_dm + cols[None, :]
+    store = valid_m[:, None] & valid_d[None, :]
+    tl.store(dq_ptr + tile, dq.to(dq_ptr.dtype.element_ty), mask=store)
+    tl.store(dk_ptr + tile, dk.to(dk_ptr.dtype.element_ty), mask=store)
+    tl.store(dv_ptr + tile, dv.to(dv_ptr.dtype.element_ty), mask=store)
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _mask_layout(mask: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int, int]]:
+    """The mask as bytes (bool and uint8 share a layout), S, and its (b, s, m) strides; a
+    ``[B, M]`` mask is one subset per row."""
+    as_bytes = mask.view(torch.uint8)
+    if mask.dim() == 2:
+        return as_bytes, 1, (mask.stride(0), 0, mask.stride(1))
+    return as_bytes, mask.shape[1], tuple(mask.stride())
+
+
+def _per_subset_strides(t: torch.Tensor, mask: torch.Tensor) -> tuple[int, ...]:
+    """(b, s, rest...) strides of a tensor shaped ``[B, (S,) ...]`` like the mask's leading
+    axes (s stride 0 for a ``[B, M]`` mask)."""
+    if mask.dim() == 2:
+        return (t.stride(0), 0, *t.stride()[1:])
+    return tuple(t.stride())
+
+
+def _to_float32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _scale_pair(scale: float) -> tuple[float, float]:
+    """``scale`` as float32 ``hi + lo`` (see :func:`_scale_value`)."""
+    hi = _to_float32(scale)
+    return hi, _to_float32(scale - hi)
+
+
+def _blocks(S: int, M: int, Dh: int) -> tuple[int, int, int, int]:
+    """BLOCK_M, BLOCK_D, CHUNK_S, num_warps.
+
+    M and Dh are padded to powers of two of at least 16 (the smallest ``tl.dot``). A chunk's
+    ``[CHUNK_S, BLOCK_M, max(BLOCK_M, BLOCK_D)]`` working set stays within a register budget on
+    the GPU; in the interpreter, where every loop step costs interpreted operations, chunks are
+    large.
+    """
+    block_m = max(16, triton.next_power_of_2(max(M, 1)))
+    block_d = max(16, triton.next_power_of_2(max(Dh, 1)))
+    budget = 1 << 16 if triton_interpreting() else 8192
+    chunk_s = min(triton.next_power_of_2(max(S, 1)),
+                  max(1, budget // (block_m * max(block_m, block_d))), 64)
+    warps = 8 if block_m * block_d >= 4096 or chunk_s * block_m * block_d >= 8192 else 4
+    return block_m, block_d, chunk_s, warps
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 scores and probabilities keep float32 accuracy: no TF32 truncation.
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def subset_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             mask: torch.Tensor, num_heads: int,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Implementation of ``mmfast::subset_attention``.
+
+    Args:
+        q, k, v: ``[B, M, E]``, one dtype, any strides; E divisible by num_heads.
+        mask: bool ``[B, M]`` or ``[B, S, M]``, any strides (stride 0 for a shared bank).
+        num_heads: H; scale: the score scale.
+    Returns:
+        ``out``: contiguous ``[B, (S,) M, E]`` in q.dtype, zero rows for tokens outside a subset;
+        ``lse``: contiguous ``[B, (S,) H, M]``, float32 (float64 for float64 inputs), the
+        log-sum-exp of each query's scores over its subset's keys, 0 for queries outside the
+        subset (see the module docstring).
+    """
+    B, M, E = q.shape
+    H = num_heads
+    Dh = E // H
+    mask_bytes, S, (smb, sms, smm) = _mask_layout(mask)
+    out = torch.empty((*mask.shape[:-1], M, E), dtype=q.dtype, device=q.device)
+    lse = torch.empty((*mask.shape[:-1], H, M), dtype=_lse_dtype(q.dtype), device=q.device)
+    if B * S * M == 0:
+        return out, lse
+    block_m, block_d, chunk_s, warps = _blocks(S, M, Dh)
+    chunks = triton.cdiv(S, chunk_s)
+    # On the GPU, split a row's subsets over programs when rows × heads alone would leave SMs
+    # idle (each split recomputes the scores, a small cost next to its chunks).
+    splits = 1 if triton_interpreting() else max(1, min(chunks, triton.cdiv(2048, B * H)))
+    per_program = triton.cdiv(chunks, splits) * chunk_s
+    grid = (B, H, triton.cdiv(S, per_program))
+    sob, sos, som, _ = _per_subset_strides(out, mask)
+    slb, sls, slh, _ = _per_subset_strides(lse, mask)
+    _attention_forward_kernel[grid](
+        q, k, v, mask_bytes, out, lse,
+        S, M, Dh, per_program, *_scale_pair(scale),
+        *q.stride(), *k.stride(), *v.stride(),
+        smb, sms, smm,
+        sob, sos, som,
+        slb, sls, slh,
+        ACC_DTYPE=_acc_dtype(q.dtype), PRECISION=_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s, num_warps=warps,
+    )
+    return out, lse
+
+
+def subset_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                              v: torch.Tensor, mask: torch.Tensor, out: torch.Tensor,
+                              lse: torch.Tensor, num_heads: int,
+                              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Implementation of ``mmfast::subset_attention_backward``.
+
+    Args:
+        grad_out: ``[B, (S,) M, E]`` upstream gradient, any strides; rows of tokens outside a
+            subset are never read.
+        q, k, v, mask, num_heads, scale: the forward's inputs.
+        out: the forward's output (unused: the row term D is recomputed from P and dP).
+        lse: the forward's saved log-sum-exp, ``[B, (S,) H, M]``.
+    Returns:
+        ``(dq, dk, dv)``, contiguous ``[B, M, E]`` in q.dtype, summed over the subsets.
+    """
+    B, M, E = q.shape
+    H = num_heads
+    Dh = E // H
+    mask_bytes, S, (smb, sms, smm) = _mask_layout(mask)
+    dq = torch.empty((B, M, E), dtype=q.dtype, device=q.device)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    if dq.numel() == 0:
+        return dq, dk, dv
+    if S == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    block_m, block_d, chunk_s, warps = _blocks(S, M, Dh)
+    slb, sls, slh, _ = _per_subset_strides(lse, mask)
+    _attention_backward_kernel[(B, H)](
+        grad_out, q, k, v, mask_bytes, lse, dq, dk, dv,
+        S, M, Dh, *_scale_pair(scale),
+        *_per_subset_strides(grad_out, mask),
+        *q.stride(), *k.stride(), *v.stride(),
+        smb, sms, smm,
+        slb, sls, slh,
+        dq.stride(0), dq.stride(1),
+        ACC_DTYPE=_acc_dtype(q.dtype), PRECISION=_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s, num_warps=warps,
+    )
+    return dq, dk, dv
