@@ -37,11 +37,12 @@ masks. The forward may split a row's subsets over programs (on the GPU, when row
 would leave SMs idle); the backward gives each program every subset of its row and reduces them
 in a fixed order, so it is deterministic without atomics.
 
-Precision: scores, softmax and every accumulation are float32 (float64 for float64 inputs).
-float16 / bfloat16 inputs enter ``tl.dot`` as they are (their products are exact in the float32
-accumulator); the probabilities and dS are rounded to the input dtype only as dot operands of
-the per-subset products (as in FlashAttention), while the final dQ and dK products take the
-float32 sum of dS. float32 dots use ``input_precision="ieee"`` (no TF32 truncation).
+Precision: q, k, v and the upstream gradient are upcast to float32 (float64 for float64 inputs)
+on load; scores, softmax, every product and every accumulation are in that dtype. float32 dots
+use ``input_precision="ieee"`` (no TF32 truncation). For float16 / bfloat16 inputs the dots run
+as TF32, which holds their values exactly (10 mantissa bits); only the probabilities and dS,
+as operands of the per-subset products, are truncated to TF32, much as FlashAttention rounds
+them to the input dtype. The final dQ and dK products take the float32 sum of dS in "ieee".
 
 Masks ``[B, M]`` are one subset per row (stride 0 on the subset axis); every input is read by
 strides, so a bank shared by all rows (``bank.expand(B, S, M)``) is never materialised.
@@ -80,12 +81,13 @@ def _tokens_used(mask_ptr, row, first, last, offs_m, M, stride_kb, stride_ks, st
 
 
 @triton.jit
-def _load_head(ptr, row, offs_m, cols, used, valid_d, stride_b, stride_m, stride_e):
-    """``[BLOCK_M, BLOCK_D]`` head slice of q, k or v in its own dtype; unused tokens are 0 and
-    never read."""
+def _load_head(ptr, row, offs_m, cols, used, valid_d, stride_b, stride_m, stride_e,
+               ACC_DTYPE: tl.constexpr):
+    """``[BLOCK_M, BLOCK_D]`` head slice of q, k or v, upcast to ACC_DTYPE; unused tokens are 0
+    and never read."""
     ptrs = (ptr + row * stride_b + offs_m.to(tl.int64)[:, None] * stride_m
             + cols[None, :] * stride_e)
-    return tl.load(ptrs, mask=used[:, None] & valid_d[None, :], other=0.0)
+    return tl.load(ptrs, mask=used[:, None] & valid_d[None, :], other=0.0).to(ACC_DTYPE)
 
 
 @triton.jit
@@ -122,9 +124,12 @@ def _attention_forward_kernel(
 
     used = _tokens_used(mask_ptr, row, first, last, offs_m, M, stride_mb, stride_ms, stride_mm,
                         CHUNK_S)
-    q = _load_head(q_ptr, row, offs_m, cols, used, valid_d, stride_qb, stride_qm, stride_qe)
-    k = _load_head(k_ptr, row, offs_m, cols, used, valid_d, stride_kb, stride_km, stride_ke)
-    v = _load_head(v_ptr, row, offs_m, cols, used, valid_d, stride_vb, stride_vm, stride_ve)
+    q = _load_head(q_ptr, row, offs_m, cols, used, valid_d, stride_qb, stride_qm, stride_qe,
+                   ACC_DTYPE)
+    k = _load_head(k_ptr, row, offs_m, cols, used, valid_d, stride_kb, stride_km, stride_ke,
+                   ACC_DTYPE)
+    v = _load_head(v_ptr, row, offs_m, cols, used, valid_d, stride_vb, stride_vm, stride_ve,
+                   ACC_DTYPE)
     # The scores of the row are shared by all its subsets: computed once.
     scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE) * scale
 
@@ -141,7 +146,7 @@ def _attention_forward_kernel(
         # A query in the subset has its own key in it, so its denominator is at least 1;
         # queries outside the subset get zero rows.
         inv = tl.where(member, 1.0 / tl.where(member, denom, 1.0), 0.0)
-        probs = (e * inv[:, :, None]).to(v.dtype)
+        probs = e * inv[:, :, None]
         out = tl.dot(tl.reshape(probs, (CHUNK_S * BLOCK_M, BLOCK_M)), v,
                      input_precision=PRECISION, out_dtype=ACC_DTYPE)
         out = tl.reshape(out, (CHUNK_S, BLOCK_M, BLOCK_D))
@@ -184,9 +189,12 @@ def _attention_backward_kernel(
     scale = _scale_value(scale_hi, scale_lo, ACC_DTYPE)
 
     used = _tokens_used(mask_ptr, row, 0, S, offs_m, M, stride_mb, stride_ms, stride_mm, CHUNK_S)
-    q = _load_head(q_ptr, row, offs_m, cols, used, valid_d, stride_qb, stride_qm, stride_qe)
-    k = _load_head(k_ptr, row, offs_m, cols, used, valid_d, stride_kb, stride_km, stride_ke)
-    v = _load_head(v_ptr, row, offs_m, cols, used, valid_d, stride_vb, stride_vm, stride_ve)
+    q = _load_head(q_ptr, row, offs_m, cols, used, valid_d, stride_qb, stride_qm, stride_qe,
+                   ACC_DTYPE)
+    k = _load_head(k_ptr, row, offs_m, cols, used, valid_d, stride_kb, stride_km, stride_ke,
+                   ACC_DTYPE)
+    v = _load_head(v_ptr, row, offs_m, cols, used, valid_d, stride_vb, stride_vm, stride_ve,
+                   ACC_DTYPE)
     scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE) * scale
 
     dv = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC_DTYPE)
@@ -205,10 +213,10 @@ def _attention_backward_kernel(
         grad = tl.load(grad_ptr + row * stride_gb + s64[:, None, None] * stride_gs
                        + offs_m.to(tl.int64)[None, :, None] * stride_gm
                        + cols[None, None, :] * stride_ge,
-                       mask=member[:, :, None] & valid_d[None, None, :], other=0.0)
+                       mask=member[:, :, None] & valid_d[None, None, :], other=0.0).to(ACC_DTYPE)
         grad_flat = tl.reshape(grad, (CHUNK_S * BLOCK_M, BLOCK_D))
         # dV += Σ_s P^sᵀ dO^s: keys × (subset, query) times (subset, query) × features.
-        probs_t = tl.reshape(tl.permute(probs.to(v.dtype), (2, 0, 1)),
+        probs_t = tl.reshape(tl.permute(probs, (2, 0, 1)),
                              (BLOCK_M, CHUNK_S * BLOCK_M))
         dv += tl.dot(probs_t, grad_flat, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         dprobs = tl.dot(grad_flat, tl.trans(v), input_precision=PRECISION, out_dtype=ACC_DTYPE)
@@ -217,8 +225,8 @@ def _attention_backward_kernel(
         ds_sum += tl.sum(probs * (dprobs - row_term[:, :, None]), axis=0)
 
     ds_sum = ds_sum * scale
-    dq = tl.dot(ds_sum, k.to(ACC_DTYPE), input_precision="ieee", out_dtype=ACC_DTYPE)
-    dk = tl.dot(tl.trans(ds_sum), q.to(ACC_DTYPE), input_precision="ieee", out_dtype=ACC_DTYPE)
+    dq = tl.dot(ds_sum, k, input_precision="ieee", out_dtype=ACC_DTYPE)
+    dk = tl.dot(tl.trans(ds_sum), q, input_precision="ieee", out_dtype=ACC_DTYPE)
 
     # Gradients are contiguous [B, M, E]; unused tokens get exact zeros.
     tile = row * stride_db + offs_m.to(tl.int64)[:, None] * stride_dm + cols[None, :]
@@ -281,7 +289,8 @@ def _blocks(S: int, M: int, Dh: int) -> tuple[int, int, int, int]:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # float32 scores and probabilities keep float32 accuracy: no TF32 truncation.
+    """float32 inputs keep float32 accuracy (no TF32 truncation); float16 / bfloat16 values are
+    exact in TF32, so their dots use the tensor cores at no loss on the inputs."""
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
