@@ -4,6 +4,7 @@ according to :mod:`mmfast.backend`. The plain-PyTorch references are in
 :mod:`mmfast.ops.reference`."""
 from mmfast.ops.attention import subset_attention
 from mmfast.ops.densities import gaussian_log_prob, mixture_log_prob
+from mmfast.ops.iwae import importance_logsumexp
 from mmfast.ops.likelihoods import (bernoulli_log_prob, categorical_log_prob, laplace_log_prob,
                                     normal_log_prob)
 from mmfast.ops.objective import GaussianTerms, gaussian_terms
@@ -15,5 +16,5 @@ __all__ = [
     "subset_sum_pool", "subset_pool_linear", "subset_attention", "gaussian_poe",
     "gaussian_log_prob",
     "mixture_log_prob", "bernoulli_log_prob", "categorical_log_prob", "normal_log_prob",
-    "laplace_log_prob", "gaussian_terms", "GaussianTerms",
+    "laplace_log_prob", "gaussian_terms", "GaussianTerms", "importance_logsumexp",
 ]

@@ -5,6 +5,7 @@ They are differentiable through ordinary autograd, validate nothing (the public 
 """
 from mmfast.ops.reference.attention import subset_attention
 from mmfast.ops.reference.densities import gaussian_log_prob, mixture_log_prob
+from mmfast.ops.reference.iwae import importance_logsumexp
 from mmfast.ops.reference.likelihoods import (bernoulli_log_prob, categorical_log_prob,
                                               laplace_log_prob, normal_log_prob)
 from mmfast.ops.reference.objective import full_terms, reparameterize, subset_terms
@@ -16,5 +17,5 @@ __all__ = [
     "subset_sum_pool", "subset_pool_linear", "subset_attention", "gaussian_poe",
     "gaussian_log_prob",
     "mixture_log_prob", "bernoulli_log_prob", "categorical_log_prob", "normal_log_prob",
-    "laplace_log_prob", "subset_terms", "full_terms", "reparameterize",
+    "laplace_log_prob", "subset_terms", "full_terms", "reparameterize", "importance_logsumexp",
 ]
