@@ -43,7 +43,7 @@ def _load_members(mask_ptr, row, offs_s, offs_m, S, M, stride_kb, stride_ks, str
     """bool ``[CHUNK_S, BLOCK_M]``: whether modality m is in subset s (False off the edges)."""
     valid = (offs_s < S)[:, None] & (offs_m < M)[None, :]
     ptrs = (mask_ptr + row * stride_kb + offs_s.to(tl.int64)[:, None] * stride_ks
-            + offs_m[None, :] * stride_km)
+            + offs_m.to(tl.int64)[None, :] * stride_km)
     return tl.load(ptrs, mask=valid, other=0) != 0
 
 
@@ -54,6 +54,23 @@ def _load_rows(ptr, row, offs_m, offs_d, needed, valid_d, stride_b, stride_m, st
     ptrs = (ptr + row * stride_b + offs_m.to(tl.int64)[:, None] * stride_m
             + offs_d.to(tl.int64)[None, :] * stride_d)
     return tl.load(ptrs, mask=needed[:, None] & valid_d[None, :], other=0.0).to(ACC_DTYPE)
+
+
+@triton.jit
+def _load_prior(pmu_ptr, plv_ptr, row, offs_d, valid_d, stride_pb, stride_pd, stride_qb,
+                stride_qd, HAS_PRIOR: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """The prior expert's mean and log-precision ``[BLOCK_D]`` (zeros without a prior)."""
+    if HAS_PRIOR:
+        offs = offs_d.to(tl.int64)
+        prior_mu = tl.load(pmu_ptr + row * stride_pb + offs * stride_pd, mask=valid_d,
+                           other=0.0).to(ACC_DTYPE)
+        prior_l = -tl.load(plv_ptr + row * stride_qb + offs * stride_qd, mask=valid_d,
+                           other=0.0).to(ACC_DTYPE)
+    else:
+        prior_mu = tl.zeros((BLOCK_D,), dtype=ACC_DTYPE)
+        prior_l = prior_mu
+    return prior_mu, prior_l
 
 
 @triton.jit
@@ -115,14 +132,8 @@ def _poe_forward_kernel(
                     stride_mb, stride_mm, stride_md, ACC_DTYPE)
     neg_logvar = -_load_rows(lv_ptr, row, offs_m, offs_d, needed, valid_d,
                              stride_vb, stride_vm, stride_vd, ACC_DTYPE)
-    if HAS_PRIOR:
-        prior_mu = tl.load(pmu_ptr + row * stride_pb + offs_d * stride_pd, mask=valid_d,
-                           other=0.0).to(ACC_DTYPE)
-        prior_l = -tl.load(plv_ptr + row * stride_qb + offs_d * stride_qd, mask=valid_d,
-                           other=0.0).to(ACC_DTYPE)
-    else:
-        prior_mu = tl.zeros((BLOCK_D,), dtype=ACC_DTYPE)
-        prior_l = prior_mu
+    prior_mu, prior_l = _load_prior(pmu_ptr, plv_ptr, row, offs_d, valid_d, stride_pb, stride_pd,
+                                    stride_qb, stride_qd, HAS_PRIOR, ACC_DTYPE, BLOCK_D)
 
     for s0 in range(first, last, CHUNK_S):
         offs_s = s0 + chunk
@@ -168,15 +179,11 @@ def _poe_backward_kernel(
                     stride_mb, stride_mm, stride_md, ACC_DTYPE)
     neg_logvar = -_load_rows(lv_ptr, row, offs_m, offs_d, needed, valid_d,
                              stride_vb, stride_vm, stride_vd, ACC_DTYPE)
-    if HAS_PRIOR:
-        prior_mu = tl.load(pmu_ptr + row * stride_pb + offs_d * stride_pd, mask=valid_d,
-                           other=0.0).to(ACC_DTYPE)
-        prior_l = -tl.load(plv_ptr + row * stride_qb + offs_d * stride_qd, mask=valid_d,
-                           other=0.0).to(ACC_DTYPE)
-    else:
-        prior_mu = tl.zeros((BLOCK_D,), dtype=ACC_DTYPE)
-        prior_l = prior_mu
+    prior_mu, prior_l = _load_prior(pmu_ptr, plv_ptr, row, offs_d, valid_d, stride_pb, stride_pd,
+                                    stride_qb, stride_qd, HAS_PRIOR, ACC_DTYPE, BLOCK_D)
 
+    # Index-times-stride products in 64 bits: a latent-dim-first gradient has stride B*S on d.
+    d64 = offs_d.to(tl.int64)[None, :]
     dmu = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC_DTYPE)
     dlv = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC_DTYPE)
     dpmu = tl.zeros((BLOCK_D,), dtype=ACC_DTYPE)
@@ -190,10 +197,11 @@ def _poe_backward_kernel(
                                                          prior_l, HAS_PRIOR)
         inv_total = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
         keep = (offs_s < S)[:, None] & valid_d[None, :]
-        g_mu = tl.load(gmu_ptr + row * stride_gb + offs_s.to(tl.int64)[:, None] * stride_gs
-                       + offs_d[None, :] * stride_gd, mask=keep, other=0.0).to(ACC_DTYPE)
-        g_lv = tl.load(glv_ptr + row * stride_hb + offs_s.to(tl.int64)[:, None] * stride_hs
-                       + offs_d[None, :] * stride_hd, mask=keep, other=0.0).to(ACC_DTYPE)
+        s64 = offs_s.to(tl.int64)[:, None]
+        g_mu = tl.load(gmu_ptr + row * stride_gb + s64 * stride_gs + d64 * stride_gd,
+                       mask=keep, other=0.0).to(ACC_DTYPE)
+        g_lv = tl.load(glv_ptr + row * stride_hb + s64 * stride_hs + d64 * stride_hd,
+                       mask=keep, other=0.0).to(ACC_DTYPE)
         weight = e * inv_total[:, None, :]                                   # w_j, 0 off S
         inside = member[:, :, None]
         spread = tl.where(inside, mu[None, :, :] - out_mu[:, None, :], 0.0)  # mu_j - out_mu

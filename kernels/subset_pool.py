@@ -37,16 +37,19 @@ def _pool_forward_kernel(
     valid_d = offs_d < D
     mask_row = mask_ptr + row * stride_kb + offs_s.to(tl.int64) * stride_ks
     x_row = x_ptr + row * stride_xb + offs_d.to(tl.int64) * stride_xd
+    # Every index-times-stride product in 64 bits: strides of permuted layouts can be large.
+    step_km = tl.cast(stride_km, tl.int64)
+    step_xm = tl.cast(stride_xm, tl.int64)
 
     acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=ACC_DTYPE)
     # M is a compile-time constant (a model has few modalities): the loop unrolls and the row
     # loads of all modalities are in flight together.
     for m in tl.static_range(M):
-        member = tl.load(mask_row + m * stride_km, mask=valid_s, other=0) != 0      # [BLOCK_S]
+        member = tl.load(mask_row + m * step_km, mask=valid_s, other=0) != 0      # [BLOCK_S]
         # Skip the load when no subset of the block holds m: a missing modality's features
         # (possibly NaN) are never read, and no bandwidth is spent on them.
         wanted = valid_d & (tl.max(member.to(tl.int32), axis=0) + tl.zeros_like(offs_d) > 0)
-        feat = tl.load(x_row + m * stride_xm, mask=wanted, other=0.0).to(ACC_DTYPE)
+        feat = tl.load(x_row + m * step_xm, mask=wanted, other=0.0).to(ACC_DTYPE)
         acc += tl.where(member[:, None], feat[None, :], 0.0)
 
     if HAS_BIAS:
@@ -79,7 +82,7 @@ def _pool_backward_kernel(
         offs_s = s0 + chunk
         valid_s = offs_s < S
         member = tl.load(mask_ptr + row * stride_kb + offs_s.to(tl.int64)[:, None] * stride_ks
-                         + offs_m[None, :] * stride_km,
+                         + offs_m.to(tl.int64)[None, :] * stride_km,
                          mask=valid_s[:, None] & valid_m[None, :], other=0) != 0   # [CS, BM]
         grad = tl.load(grad_ptr + row * stride_gb + offs_s.to(tl.int64)[:, None] * stride_gs
                        + offs_d.to(tl.int64)[None, :] * stride_gd,

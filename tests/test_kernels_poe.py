@@ -249,6 +249,35 @@ def test_non_contiguous_inputs():
     check(mu, logvar, mask, "per_row", seed=84)
 
 
+def test_latent_dim_first_gradient_layout():
+    """Upstream gradients stored d-first (``[d, B, S]`` permuted to ``[B, S, d]``, stride B*S on
+    d), handed straight to the kernel's backward, and a d-first prior. The 64-bit offsets this
+    layout needs only matter past 2^31 elements (B = 4096, S = 255, d >= 2017), too big for the
+    interpreter: this checks the strided path is right at a small size."""
+    from mmfast.kernels import poe as kernel
+    B, M, d, S = 3, 4, 6, 5
+    mu = randn(B, M, d, seed=171).requires_grad_(True)
+    logvar = uniform(B, M, d, seed=172, low=-3, high=3).requires_grad_(True)
+    p_mu = randn(d, B, seed=173).t().requires_grad_(True)                  # [B, d], stride (1, B)
+    p_lv = uniform(d, B, seed=174, low=-1, high=1).t().requires_grad_(True)
+    mask = random_mask(B, S, M, seed=175)
+    mask[0, 0] = False
+    g_mu = randn(d, B, S, seed=176).permute(1, 2, 0)
+    g_lv = randn(d, B, S, seed=177).permute(1, 2, 0)
+    assert g_mu.stride(2) == B * S and p_mu.stride(1) == B
+    exp_mu, exp_lv = brute_poe(mu, logvar, mask, (p_mu, p_lv))
+    want = torch.autograd.grad((exp_mu * g_mu).sum() + (exp_lv * g_lv).sum(),
+                               (mu, logvar, p_mu, p_lv))
+    with torch.no_grad():
+        out_mu, out_lv = kernel.gaussian_poe_forward(mu, logvar, mask, p_mu, p_lv)
+        got = kernel.gaussian_poe_backward(g_mu, g_lv, mu, logvar, mask, p_mu, p_lv,
+                                           out_mu, out_lv)
+    torch.testing.assert_close(out_mu, exp_mu.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out_lv, exp_lv.detach(), rtol=1e-10, atol=1e-10)
+    for name, a, e in zip(("mu", "logvar", "prior_mu", "prior_logvar"), got, want):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10,
+                                   msg=lambda m: f"gradient of {name}: {m}")
+
 def test_unused_modalities_are_never_read():
     B, M, d = 4, 5, 7
     mu = randn(B, M, d, seed=91)

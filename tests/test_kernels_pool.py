@@ -157,6 +157,22 @@ def test_non_contiguous_inputs():
     check(x, g_bank, seed=55)
 
 
+def test_modality_and_feature_major_layouts():
+    """x stored modality-major (``[M, B, D]`` permuted, stride B*D on m), the mask
+    modality-major, and an upstream gradient stored feature-first (stride B*S on d), handed
+    straight to the kernels. The 64-bit offsets these layouts need only matter past 2^31
+    elements, too big for the interpreter: this checks the strided path at a small size."""
+    from mmfast.kernels import subset_pool as kernel
+    B, M, D, S = 3, 5, 19, 6
+    x = randn(M, B, D, seed=141).transpose(0, 1)                 # [B, M, D]
+    mask = random_mask(M, B, S, seed=142).permute(1, 2, 0)       # [B, S, M]
+    g = randn(D, B, S, seed=143).permute(1, 2, 0)                # [B, S, D]
+    assert x.stride(1) == B * D and mask.stride(2) == B * S and g.stride(2) == B * S
+    torch.testing.assert_close(kernel.launch_pool(x, mask), brute_pool(x, mask),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kernel.launch_pool_transpose(g, mask, M, F64),
+                               brute_pool_grad(g, mask, M), rtol=1e-12, atol=1e-12)
+
 def test_empty_bank_and_zero_width():
     x = randn(3, 4, 5, seed=61)
     out, grad_x = run_triton(x, torch.zeros(3, 0, 4, dtype=torch.bool, device=DEVICE),
