@@ -71,13 +71,14 @@ def _print_results(name: str, results: dict, seconds: float) -> None:
 
 # ------------------------------------------------------------------------------ sweeps
 def sweep(base, aggregators: list[str], objectives: list[str], progress: bool = True,
-          out=sys.stdout) -> tuple[str, dict]:
+          out=None) -> tuple[str, dict]:
     """Train and evaluate every (aggregator, objective) into ``<run_dir>/<agg>-<objective>``;
     finished runs are read back, interrupted ones resume. Returns the table and the results."""
     import copy
 
     from mmfast.train.experiment import DISPLAY, run
 
+    out = out or sys.stdout
     root = Path(base.run_dir)
     results: dict[tuple[str, str], dict] = {}
     for agg in aggregators:

@@ -89,15 +89,17 @@ def latents_figure(z_true, z_inferred, path: str | os.PathLike, max_points: int 
 
 
 def cross_generation_grid(model, data, path: str | os.PathLike, num: int = 8):
-    """Rows: the real samples, then each modality generated from each single given modality."""
+    """Rows: the real samples, then every modality generated from each single given modality
+    (MNIST and SVHN as image strips, the text as the row's caption)."""
     plt = _pyplot()
     if plt is None:
         return None
     import torch
 
-    from mmfast.data.mnist_svhn_text import decode_text
-    device = next(model.parameters()).device
     from mmfast.data.base import batch_to
+    from mmfast.data.mnist_svhn_text import decode_text
+
+    device = next(model.parameters()).device
     batch = batch_to(data.batch(torch.arange(min(num, len(data)))), device)
     names = list(data.modality_names)
     rows = [("real", batch["x"])]
@@ -105,25 +107,28 @@ def cross_generation_grid(model, data, path: str | os.PathLike, num: int = 8):
         for m, name in enumerate(names):
             given = torch.zeros(len(batch["label"]), len(names), dtype=torch.bool, device=device)
             given[:, m] = True
-            rows.append((f"from {name}", model.reconstruct(batch["x"], given)))
-    n = len(batch["label"])
-    fig, axes = plt.subplots(len(rows), 3 * n, figsize=(1.0 * 3 * n, 1.15 * len(rows)))
+            rows.append((f"given {name}", model.reconstruct(batch["x"], given)))
+
+    def strip(images):  # [n, C, H, W] -> [H, n * W, 3]
+        images = images.detach().float().cpu().clamp(0, 1)
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        return torch.cat(list(images.permute(0, 2, 3, 1)), dim=1).numpy()
+
+    def text(values):
+        values = values.detach().cpu()
+        if values.is_floating_point():  # class probabilities [n, 8, C]
+            values = values.argmax(-1)
+        return "  ".join(f"'{t}'" for t in decode_text(values.long()))
+
+    fig, axes = plt.subplots(len(rows), 2, figsize=(2 * num, 1.6 * len(rows)), squeeze=False)
     for r, (label, xs) in enumerate(rows):
-        for i in range(n):
-            for c, name in enumerate(names):
-                ax = axes[r, c * n + i]
-                ax.axis("off")
-                value = xs[name][i].detach().float().cpu()
-                if name == "text":
-                    if value.dim() == 2:  # probabilities / logits over the alphabet
-                        value = value.argmax(-1)
-                    ax.text(0.5, 0.5, decode_text(value.long()[None])[0].strip() or "·",
-                            ha="center", va="center", fontsize=7)
-                else:
-                    img = value.clamp(0, 1).permute(1, 2, 0).numpy()
-                    ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray")
-            if i == 0:
-                axes[r, 0].set_title(label, fontsize=7, loc="left")
+        for c, name in enumerate(("mnist", "svhn")):
+            axes[r, c].imshow(strip(xs[name]))
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+            axes[r, c].set_title(f"{label}: {name}", fontsize=8, loc="left")
+        axes[r, 0].set_xlabel("text: " + text(xs["text"]), fontsize=7, loc="left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -267,6 +267,8 @@ class Trainer:
                     if max_steps is not None and self.step >= max_steps:
                         self.save_checkpoint()
                         return self._summary()
+                if self.step % cfg.log_every:
+                    self._log_running(bar)  # the epoch's last, partial window
                 self.epoch += 1
                 self.step_in_epoch = 0
                 last = self.epoch == cfg.epochs
