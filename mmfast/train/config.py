@@ -18,7 +18,7 @@ from mmfast.train.trainer import TrainConfig
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
-    tomllib = None
+    import tomli as tomllib
 
 
 @dataclass
@@ -158,8 +158,6 @@ def build_config(values: dict) -> ExperimentConfig:
 
 
 def load_toml(path: str) -> dict:
-    if tomllib is None:  # pragma: no cover
-        raise RuntimeError("reading TOML configs needs Python >= 3.11 (tomllib)")
     with open(path, "rb") as f:
         return tomllib.load(f)
 
