@@ -323,7 +323,7 @@ def laplace_log_prob_backward(grad, loc, log_scale, x, min_scale):
 
 def _categorical_blocks(E: int, C: int) -> tuple[int, int]:
     budget = element_budget()
-    block_c = min(triton.next_power_of_2(C), 1024)
+    block_c = min(triton.next_power_of_2(C), 1024, budget)
     block_e = min(triton.next_power_of_2(max(E, 1)), max(1, budget // block_c))
     return block_e, block_c
 
