@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,13 @@ def _cmd_train(args) -> int:
     cfg = config_from_args(args)
     t0 = time.perf_counter()
     results = run(cfg, progress=not args.quiet, max_steps=args.max_steps)
-    _print_results(cfg.name, results, time.perf_counter() - t0)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if results:
+        _print_results(cfg.name, results, time.perf_counter() - t0)
+    else:
+        print(f"{cfg.name}: stopped early and checkpointed in {cfg.run_dir}; "
+              f"run the same command again to continue")
     return 0
 
 
