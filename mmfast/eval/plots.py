@@ -26,19 +26,23 @@ def gap_kl_figure(rows: dict[str, dict[str, float]], path: str | os.PathLike):
     plt = _pyplot()
     if plt is None:
         return None
-    metrics = [("gap", "relative LLH gap"), ("KL full", "KL(q(z|x) ‖ p(z|x))"),
+    metrics = [("gap", "relative LLH gap (%)"), ("KL full", "KL(q(z|x) ‖ p(z|x))"),
                ("KL single", "KL(q(z|x_m) ‖ p(z|x_m)), mean over m")]
     aggs = list(rows)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6))
     width = 0.38
     for ax, (key, title) in zip(axes, metrics):
         for i, obj in enumerate(("masked", "mixture")):
             vals = [rows[a].get(f"{obj}: {key}", float("nan")) for a in aggs]
+            if key == "gap":
+                vals = [100 * v for v in vals]
             ax.bar([j + (i - 0.5) * width for j in range(len(aggs))], vals, width, label=obj)
         ax.set_xticks(range(len(aggs)), aggs, rotation=20)
         ax.set_title(title, fontsize=10)
-        ax.set_yscale("symlog", linthresh=1e-3)
-    axes[0].legend()
+        if key != "gap":
+            ax.set_yscale("log")
+        ax.axhline(0, color="black", lw=0.6)
+    axes[0].legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
