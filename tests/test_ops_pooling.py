@@ -112,6 +112,36 @@ def test_nan_in_unused_modalities_does_not_leak(backend, kind):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"], indirect=True)
+@pytest.mark.parametrize("shared", [True, False])
+def test_non_finite_modality_only_reaches_the_subsets_holding_it(backend, shared):
+    """inf in modality 1 and NaN in modality 3, each in some subsets of a row and not in
+    others: a subset without them is exactly the clean sum; the gradient does not depend on
+    the values at all."""
+    require_backend(backend, OP, MODULE)
+    gen = generator(7)
+    B, M, D = 3, 4, 17
+    bank = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 1, 1], [1, 0, 1, 1]],
+                        dtype=torch.bool, device=DEVICE)
+    mask = bank.expand(B, 4, M) if shared else bank.repeat(B, 1, 1)
+    clean = randn(B, M, D, gen=gen)
+    bad = clean.clone()
+    bad[:, 1] = float("inf")
+    bad[:, 3] = float("nan")
+    x = bad.requires_grad_(True)
+    out = subset_sum_pool(x, mask)
+    expected = brute_pool(clean, mask)
+    close(out[:, 1], expected[:, 1])                       # neither inf nor NaN in subset 1
+    assert torch.isfinite(out[:, 1]).all()
+    assert torch.isposinf(out[:, 0]).all()                 # inf only
+    assert torch.isnan(out[:, 2:]).all()                   # NaN in subsets 2 and 3
+    g = cotangent_like(out, gen)
+    (grad_x,) = grads([out], [x], [g])
+    xe = clean.clone().requires_grad_(True)
+    (expected_grad,) = grads([brute_pool(xe, mask)], [xe], [g])
+    assert torch.isfinite(grad_x).all()
+    close(grad_x, expected_grad)
+
+@pytest.mark.parametrize("backend", ["reference", "triton"], indirect=True)
 def test_shared_bank_equals_materialised_bank(backend):
     require_backend(backend, OP, MODULE)
     gen = generator(5)
