@@ -351,6 +351,39 @@ def test_backward_is_bitwise_deterministic():
         assert all(torch.equal(a, b) for a, b in zip(grads(), first))
 
 
+@pytest.fixture
+def gpu_tiles(monkeypatch):
+    """The kernel module with its GPU tile configuration (block sizes, and the split of a row's
+    subsets over programs, depend on whether the interpreter runs)."""
+    from mmfast.kernels import poe as kernel
+    monkeypatch.setattr(kernel, "triton_interpreting", lambda: False)
+    return kernel
+
+
+@pytest.mark.parametrize("prior_kind", ["standard", "per_row"])
+def test_gpu_tiles_sixty_four_modalities(gpu_tiles, prior_kind):
+    """M = 64: 64-wide feature blocks, one subset per chunk, the three subsets of a row split
+    over three forward programs (grid 2 x 2 x 3); the backward reduces them in one program."""
+    assert gpu_tiles._blocks(3, 64, 100)[:3] == (64, 64, 1)
+    bank = random_mask(3, 64, seed=181)
+    bank[0] = False
+    check(randn(2, 64, 100, seed=182, dtype=torch.float32),
+          uniform(2, 64, 100, seed=183, low=-6, high=6, dtype=torch.float32),
+          bank.expand(2, 3, 64), prior_kind, seed=184)
+
+
+def test_gpu_tiles_chunks_split_over_programs(gpu_tiles):
+    """M = 3, S = 20, d = 300: chunks of eight subsets, 128-wide feature blocks; the forward
+    splits each row's three chunks over three programs, the last one partial."""
+    assert gpu_tiles._blocks(20, 3, 300)[:3] == (4, 128, 8)
+    mask = random_mask(2, 20, 3, seed=191)
+    mask[1, 19] = True
+    check(randn(2, 3, 300, seed=192, dtype=torch.float32),
+          uniform(2, 3, 300, seed=193, low=-4, high=4, dtype=torch.float32),
+          mask, "shared", seed=194)
+    check(randn(3, 3, 300, seed=195), uniform(3, 3, 300, seed=196, low=-4, high=4),
+          random_mask(3, 3, seed=197), "none", seed=198)
+
 # --- GPU only -------------------------------------------------------------------------------
 
 @pytest.mark.cuda

@@ -227,6 +227,33 @@ def test_backward_is_bitwise_deterministic():
         assert torch.equal(run_triton(x, bank, g)[1], first)
 
 
+@pytest.fixture
+def gpu_tiles(monkeypatch):
+    """The kernel module with its GPU tile configuration (block sizes depend on whether the
+    interpreter runs): the CPU suite otherwise never runs the tiles the GPU uses."""
+    from mmfast.kernels import subset_pool as kernel
+    monkeypatch.setattr(kernel, "triton_interpreting", lambda: False)
+    return kernel
+
+
+@pytest.mark.parametrize("shape", ["bank", "row"])
+def test_gpu_tile_configuration(gpu_tiles, shape):
+    """D = 1030 over three 512-wide feature blocks, S = 9 over two subset blocks, and a
+    backward reducing the subsets in chunks of two: 12 forward and 6 backward programs."""
+    block_s, block_d, _ = gpu_tiles._forward_blocks(9, 1030)
+    assert (block_s, block_d) == (8, 512)
+    assert gpu_tiles._backward_blocks(9, 5, 1030)[:3] == (8, 512, 2)
+    B, M, D = 2, 5, 1030
+    mask = random_mask(B, 9, M, seed=151)
+    mask[0, 0] = False
+    mask[1, 8] = True
+    mask = mask if shape == "bank" else mask[:, 3]
+    x = randn(B, M, D, seed=152, dtype=torch.float32)
+    check(x, mask, seed=153)
+    bias = randn(D, seed=154, dtype=torch.float32)
+    torch.testing.assert_close(gpu_tiles.launch_pool(x, mask, bias).to(F64),
+                               brute_pool(x, mask) + bias.to(F64), rtol=1e-5, atol=1e-5)
+
 # --- GPU only -------------------------------------------------------------------------------
 
 @pytest.mark.cuda
