@@ -113,6 +113,8 @@ def run_case(benchmark, fn: Callable, make_inputs: Callable[[], Sequence], mode:
         benchmark.pedantic(target, setup=setup, **kwargs)
     else:
         benchmark.pedantic(target, **kwargs)
+    if getattr(benchmark, "disabled", False) or benchmark.stats is None:
+        return  # --benchmark-disable: a smoke run of every case, nothing measured
     mean = benchmark.stats.stats.mean
     gbs = min_bytes / mean / 1e9
     benchmark.extra_info.update(
