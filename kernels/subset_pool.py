@@ -1,11 +1,15 @@
 """Masked subset sum-pooling: ``out[b, s] = Σ_{m ∈ S_bs} x[b, m]`` and its transpose.
 
-Forward: one program per (row b, block of subsets, block of features). It loops over the M
-modalities, loads the mask column of its subsets and the feature row of modality m once, and
-adds the row into the subsets that contain m; x rows of a modality in none of the block's
-subsets are not loaded at all. Backward: ``grad_x[b, m] = Σ_s mask[b, s, m] grad_out[b, s]``,
-one program per (row b, block of modalities, block of features) reducing over the subsets in a
-fixed order, so it is deterministic without atomics.
+Forward: one program per (row b, part of the row's subsets, block of features). It finds the
+modalities its subsets hold from ``[CHUNK_S, M]`` mask tiles, loads those rows of x once as an
+``[M, BLOCK_D]`` tile (rows of a modality in none of its subsets are not loaded at all), and
+sweeps its subsets in chunks, selecting each subset's members from the tile. The parts of a row
+(more than one only on the GPU, when rows alone would leave SMs idle) are adjacent program ids,
+so they share the x tile through L2.
+
+Backward: ``grad_x[b, m] = Σ_s mask[b, s, m] grad_out[b, s]``, one program per (row b, block
+of modalities, block of features) reducing over the subsets in a fixed order, so it is
+deterministic without atomics.
 
 Masks ``[B, M]`` are treated as ``[B, 1, M]``; every tensor is read by strides, so a bank shared
 by all rows (``bank.expand(B, S, M)``, stride 0 on B) is never materialised. Accumulation is in
@@ -23,40 +27,51 @@ from mmfast.backend import triton_interpreting
 @triton.jit
 def _pool_forward_kernel(
     x_ptr, mask_ptr, bias_ptr, out_ptr,
-    S, D,
+    S, M, D, splits, subsets_per_program,
     stride_xb, stride_xm, stride_xd,
     stride_kb, stride_ks, stride_km,
     stride_ob, stride_os,
-    M: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    valid_s = offs_s < S
+    # Axis 0 is (row, part of the row's subsets) with the part fastest: the programs that share
+    # a row's x tile run next to each other, so it is read from DRAM once and from L2 after.
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // splits
+    first = (pid % splits) * subsets_per_program
+    last = tl.minimum(first + subsets_per_program, S)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_m = tl.arange(0, BLOCK_M)
+    chunk = tl.arange(0, CHUNK_S)
     valid_d = offs_d < D
-    mask_row = mask_ptr + row * stride_kb + offs_s.to(tl.int64) * stride_ks
-    x_row = x_ptr + row * stride_xb + offs_d.to(tl.int64) * stride_xd
-    # Every index-times-stride product in 64 bits: strides of permuted layouts can be large.
-    step_km = tl.cast(stride_km, tl.int64)
-    step_xm = tl.cast(stride_xm, tl.int64)
+    mask_row = mask_ptr + row * stride_kb + offs_m.to(tl.int64)[None, :] * stride_km
 
-    acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=ACC_DTYPE)
-    # M is a compile-time constant (a model has few modalities): the loop unrolls and the row
-    # loads of all modalities are in flight together.
-    for m in tl.static_range(M):
-        member = tl.load(mask_row + m * step_km, mask=valid_s, other=0) != 0      # [BLOCK_S]
-        # Skip the load when no subset of the block holds m: a missing modality's features
-        # (possibly NaN) are never read, and no bandwidth is spent on them.
-        wanted = valid_d & (tl.max(member.to(tl.int32), axis=0) + tl.zeros_like(offs_d) > 0)
-        feat = tl.load(x_row + m * step_xm, mask=wanted, other=0.0).to(ACC_DTYPE)
-        acc += tl.where(member[:, None], feat[None, :], 0.0)
-
+    # Which modalities some subset of this program holds, from [CHUNK_S, BLOCK_M] mask tiles:
+    # only those x rows are read (a missing modality's features, possibly NaN, never are).
+    needed = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for s0 in range(first, last, CHUNK_S):
+        offs_s = s0 + chunk
+        member = tl.load(mask_row + offs_s.to(tl.int64)[:, None] * stride_ks,
+                         mask=(offs_s < last)[:, None] & (offs_m < M)[None, :], other=0)
+        needed = tl.maximum(needed, tl.max((member != 0).to(tl.int32), axis=0))
+    x = tl.load(x_ptr + row * stride_xb + offs_m.to(tl.int64)[:, None] * stride_xm
+                + offs_d.to(tl.int64)[None, :] * stride_xd,
+                mask=(needed > 0)[:, None] & valid_d[None, :], other=0.0).to(ACC_DTYPE)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_d, mask=valid_d, other=0.0).to(ACC_DTYPE)[None, :]
-    out = (out_ptr + row * stride_ob + offs_s.to(tl.int64)[:, None] * stride_os
-           + offs_d[None, :])
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid_s[:, None] & valid_d[None, :])
+        bias = tl.load(bias_ptr + offs_d, mask=valid_d, other=0.0).to(ACC_DTYPE)
+
+    for s0 in range(first, last, CHUNK_S):
+        offs_s = s0 + chunk
+        valid_s = offs_s < last
+        member = tl.load(mask_row + offs_s.to(tl.int64)[:, None] * stride_ks,
+                         mask=valid_s[:, None] & (offs_m < M)[None, :], other=0) != 0
+        # Select, never multiply by the mask: inf/NaN a row holds for another subset stays out.
+        acc = tl.sum(tl.where(member[:, :, None], x[None, :, :], 0.0), axis=1)   # [CS, BD]
+        if HAS_BIAS:
+            acc += bias[None, :]
+        out = (out_ptr + row * stride_ob + offs_s.to(tl.int64)[:, None] * stride_os
+               + offs_d[None, :])
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid_s[:, None] & valid_d[None, :])
 
 
 @triton.jit
@@ -112,12 +127,16 @@ def _tile_budget() -> int:
     return 1 << 16 if triton_interpreting() else 4096
 
 
-def _forward_blocks(S: int, D: int) -> tuple[int, int, int]:
+def _forward_blocks(S: int, M: int, D: int) -> tuple[int, int, int, int]:
+    """BLOCK_M, BLOCK_D, CHUNK_S, num_warps: the x tile ``[BLOCK_M, BLOCK_D]`` a program
+    holds, and the ``[CHUNK_S, BLOCK_M, BLOCK_D]`` selection of a chunk within the budget."""
     budget = _tile_budget()
-    block_d = min(triton.next_power_of_2(D), 4096 if triton_interpreting() else 512)
-    block_s = min(triton.next_power_of_2(S), max(1, budget // block_d))
-    warps = 8 if block_s * block_d >= 4096 else 4
-    return block_s, block_d, warps
+    block_m = triton.next_power_of_2(max(M, 1))
+    block_d = min(triton.next_power_of_2(D), 4096 if triton_interpreting() else 256,
+                  max(16, budget // block_m))
+    chunk_s = min(triton.next_power_of_2(max(S, 1)), max(1, budget // (block_m * block_d)))
+    warps = 8 if block_m * block_d >= 4096 else 4
+    return block_m, block_d, chunk_s, warps
 
 
 def _backward_blocks(S: int, M: int, D: int) -> tuple[int, int, int, int]:
@@ -147,17 +166,22 @@ def launch_pool(x: torch.Tensor, mask: torch.Tensor,
     out = torch.empty((*mask.shape[:-1], D), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_s, block_d, warps = _forward_blocks(S, D)
-    grid = (B, triton.cdiv(S, block_s), triton.cdiv(D, block_d))
+    block_m, block_d, chunk_s, warps = _forward_blocks(S, M, D)
+    d_blocks = triton.cdiv(D, block_d)
+    chunks = triton.cdiv(S, chunk_s)
+    # On the GPU, split a row's subsets over programs when rows alone would leave SMs idle.
+    splits = 1 if triton_interpreting() else max(1, min(chunks, triton.cdiv(4096, B * d_blocks)))
+    per_program = triton.cdiv(chunks, splits) * chunk_s
+    splits = triton.cdiv(S, per_program)
     has_bias = bias is not None
-    _pool_forward_kernel[grid](
+    _pool_forward_kernel[(B * splits, d_blocks)](
         x, mask_bytes, bias.contiguous() if has_bias else x, out,
-        S, D,
+        S, M, D, splits, per_program,
         x.stride(0), x.stride(1), x.stride(2),
         skb, sks, skm,
         out.stride(0), D if mask.dim() == 3 else 0,
-        M=M, HAS_BIAS=has_bias, ACC_DTYPE=_acc_dtype(x.dtype),
-        BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps,
+        HAS_BIAS=has_bias, ACC_DTYPE=_acc_dtype(x.dtype),
+        BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s, num_warps=warps,
     )
     return out
 

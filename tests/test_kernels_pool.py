@@ -127,8 +127,8 @@ def test_per_row_bank_with_empty_rows():
 
 
 def test_big_bank_spans_several_subset_blocks_and_chunks():
-    """255 subsets of 8 modalities, D = 600: the forward covers the bank with several subset
-    blocks and the backward reduces it in several chunks."""
+    """255 subsets of 8 modalities, D = 600: the forward and the backward sweep the bank in
+    several chunks."""
     bank = all_subsets_bank(8)[1:]
     check(randn(3, 8, 600, seed=21, dtype=torch.float32), bank.expand(3, 255, 8), seed=22)
 
@@ -238,10 +238,10 @@ def gpu_tiles(monkeypatch):
 
 @pytest.mark.parametrize("shape", ["bank", "row"])
 def test_gpu_tile_configuration(gpu_tiles, shape):
-    """D = 1030 over three 512-wide feature blocks, S = 9 over two subset blocks, and a
-    backward reducing the subsets in chunks of two: 12 forward and 6 backward programs."""
-    block_s, block_d, _ = gpu_tiles._forward_blocks(9, 1030)
-    assert (block_s, block_d) == (8, 512)
+    """Forward: D = 1030 over five 256-wide feature blocks, each row's 9 subsets split over
+    five programs in chunks of two (the last part holds one), 50 programs. Backward: three
+    512-wide feature blocks, subsets reduced in chunks of two, 6 programs."""
+    assert gpu_tiles._forward_blocks(9, 5, 1030)[:3] == (8, 256, 2)
     assert gpu_tiles._backward_blocks(9, 5, 1030)[:3] == (8, 512, 2)
     B, M, D = 2, 5, 1030
     mask = random_mask(B, 9, M, seed=151)
@@ -253,6 +253,12 @@ def test_gpu_tile_configuration(gpu_tiles, shape):
     bias = randn(D, seed=154, dtype=torch.float32)
     torch.testing.assert_close(gpu_tiles.launch_pool(x, mask, bias).to(F64),
                                brute_pool(x, mask) + bias.to(F64), rtol=1e-5, atol=1e-5)
+    unused = mask.clone()
+    unused[..., 4] = False
+    x_nan = x.clone()
+    x_nan[:, 4] = float("nan")
+    torch.testing.assert_close(gpu_tiles.launch_pool(x_nan, unused).to(F64),
+                               brute_pool(x, unused), rtol=1e-5, atol=1e-5)
 
 # --- GPU only -------------------------------------------------------------------------------
 
