@@ -175,7 +175,8 @@ FAMILIES = {"normal": (normal_log_prob, normal_elements),
 
 
 def log_scale_of(kind, K, B, event, seed, low=-1.0, high=1.0):
-    shape = {"full": (K, B, *event), "event": event, "scalar": (), "row": (1, B) + (1,) * len(event)}
+    shape = {"full": (K, B, *event), "event": event, "scalar": (),
+             "row": (1, B) + (1,) * len(event)}
     return uniform(*shape[kind], seed=seed, low=low, high=high).requires_grad_(True)
 
 
