@@ -24,9 +24,10 @@ the accumulation dtype from the inputs rather than trusting outputs rounded to f
 Layout: a program owns one batch row and a block of the d latent features. It loads the
 ``[M, BLOCK_D]`` tiles of mu and logvar once (only rows of modalities in at least one of its
 subsets: a missing modality's values are never read) and sweeps its subsets in chunks of
-CHUNK_S. The forward may split the subsets of a row over several programs; the backward gives
-each program all subsets of its row and reduces them in a fixed order (deterministic, no
-atomics). Every tensor is read by strides: a stride-0 bank and a stride-0 prior (the N(0, I)
+CHUNK_S. On the GPU, when rows alone would leave SMs idle, the forward splits the subsets of a
+row over several programs, and so does the backward: each of its parts writes partial sums to
+its own slab of a float32 workspace, and the slabs are added afterwards by one reduction. Every
+sum is over a fixed order (deterministic, no atomics). Every tensor is read by strides: a stride-0 bank and a stride-0 prior (the N(0, I)
 expert, or a ``[d]`` prior expanded to ``[B, d]``) are never materialised.
 """
 from __future__ import annotations
@@ -152,7 +153,7 @@ def _poe_forward_kernel(
 def _poe_backward_kernel(
     gmu_ptr, glv_ptr, mu_ptr, lv_ptr, mask_ptr, pmu_ptr, plv_ptr,
     dmu_ptr, dlv_ptr, dpmu_ptr, dplv_ptr,
-    S, M, D,
+    B, S, M, D, splits, subsets_per_program,
     stride_gb, stride_gs, stride_gd,
     stride_hb, stride_hs, stride_hd,
     stride_mb, stride_mm, stride_md,
@@ -162,7 +163,13 @@ def _poe_backward_kernel(
     HAS_PRIOR: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    # Axis 0 is (row, part of the row's subsets), part fastest. With several parts each writes
+    # its own partial sums (slab `part` of a workspace), reduced afterwards in a fixed order.
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // splits
+    part = pid % splits
+    first = part * subsets_per_program
+    last = tl.minimum(first + subsets_per_program, S)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_m = tl.arange(0, BLOCK_M)
     chunk = tl.arange(0, CHUNK_S)
@@ -170,8 +177,8 @@ def _poe_backward_kernel(
     valid_m = offs_m < M
 
     needed = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    for s0 in range(0, S, CHUNK_S):
-        member = _load_members(mask_ptr, row, s0 + chunk, offs_m, S, M,
+    for s0 in range(first, last, CHUNK_S):
+        member = _load_members(mask_ptr, row, s0 + chunk, offs_m, last, M,
                                stride_kb, stride_ks, stride_km)
         needed = tl.maximum(needed, tl.max(member.to(tl.int32), axis=0))
     needed = needed > 0
@@ -188,15 +195,15 @@ def _poe_backward_kernel(
     dlv = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC_DTYPE)
     dpmu = tl.zeros((BLOCK_D,), dtype=ACC_DTYPE)
     dplv = tl.zeros((BLOCK_D,), dtype=ACC_DTYPE)
-    # Every subset of the row, a chunk at a time, always in the same order: deterministic.
-    for s0 in range(0, S, CHUNK_S):
+    # The program's subsets, a chunk at a time, always in the same order: deterministic.
+    for s0 in range(first, last, CHUNK_S):
         offs_s = s0 + chunk
-        member = _load_members(mask_ptr, row, offs_s, offs_m, S, M,
+        member = _load_members(mask_ptr, row, offs_s, offs_m, last, M,
                                stride_kb, stride_ks, stride_km)
         e, e_prior, total, top, out_mu = _subset_product(member, mu, neg_logvar, prior_mu,
                                                          prior_l, HAS_PRIOR)
         inv_total = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
-        keep = (offs_s < S)[:, None] & valid_d[None, :]
+        keep = (offs_s < last)[:, None] & valid_d[None, :]
         s64 = offs_s.to(tl.int64)[:, None]
         g_mu = tl.load(gmu_ptr + row * stride_gb + s64 * stride_gs + d64 * stride_gd,
                        mask=keep, other=0.0).to(ACC_DTYPE)
@@ -212,13 +219,14 @@ def _poe_backward_kernel(
             dpmu += tl.sum(w_prior * g_mu, axis=0)
             dplv += tl.sum(w_prior * (g_lv - g_mu * (prior_mu[None, :] - out_mu)), axis=0)
 
-    # Gradients are contiguous [B, M, D] and [B, D].
-    tile = row * M * D + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
+    # Gradients are contiguous [splits, B, M, D] and [splits, B, D] (splits = 1: the result).
+    slab = part * B + row
+    tile = slab * M * D + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
     store = valid_m[:, None] & valid_d[None, :]
     tl.store(dmu_ptr + tile, dmu.to(dmu_ptr.dtype.element_ty), mask=store)
     tl.store(dlv_ptr + tile, dlv.to(dlv_ptr.dtype.element_ty), mask=store)
     if HAS_PRIOR:
-        flat = row * D + offs_d
+        flat = slab * D + offs_d
         tl.store(dpmu_ptr + flat, dpmu.to(dpmu_ptr.dtype.element_ty), mask=valid_d)
         tl.store(dplv_ptr + flat, dplv.to(dplv_ptr.dtype.element_ty), mask=valid_d)
 
@@ -252,6 +260,18 @@ def _blocks(S: int, M: int, D: int) -> tuple[int, int, int, int]:
     chunk_s = min(triton.next_power_of_2(max(S, 1)), max(1, budget // (block_m * block_d)))
     warps = 8 if block_m * block_d >= 2048 else 4
     return block_m, block_d, chunk_s, warps
+
+
+# Partial-sum slabs the backward may split a row's subsets into (bounds its fp32 workspace).
+_MAX_BACKWARD_SPLITS = 8
+
+
+def _sum_parts(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[P, ...]`` partial sums -> their sum in ``dtype``, contiguous. A plain reduction over
+    the leading axis (no atomics), so the result is the same on every run."""
+    if parts.shape[0] == 1:
+        return parts[0]
+    return parts.sum(dim=0).to(dtype)
 
 
 def _prior_strides(prior_mu, prior_logvar, fallback):
@@ -317,20 +337,29 @@ def gaussian_poe_backward(grad_mu: torch.Tensor, grad_logvar: torch.Tensor, mu: 
     """
     B, M, D = mu.shape
     mask_bytes, S, (skb, sks, skm) = _mask_layout(mask)
-    dmu = torch.empty((B, M, D), dtype=mu.dtype, device=mu.device)
-    dlv = torch.empty((B, M, D), dtype=mu.dtype, device=mu.device)
     has_prior = prior_mu is not None
-    dpmu = mu.new_empty((B, D)) if has_prior else mu.new_empty(0)
-    dplv = mu.new_empty((B, D)) if has_prior else mu.new_empty(0)
     if B * D == 0:
-        return dmu, dlv, dpmu, dplv
+        return (mu.new_empty((B, M, D)), mu.new_empty((B, M, D)),
+                mu.new_empty((B, D) if has_prior else 0), mu.new_empty((B, D) if has_prior else 0))
     block_m, block_d, chunk_s, warps = _blocks(S, M, D)
-    grid = (B, triton.cdiv(D, block_d))
+    d_blocks = triton.cdiv(D, block_d)
+    chunks = triton.cdiv(S, chunk_s)
+    # On the GPU, few rows would leave most SMs idle with one program per row: split the
+    # subsets over a few programs that write fp32 partial sums, then add the parts in order.
+    splits = 1 if triton_interpreting() else max(
+        1, min(chunks, _MAX_BACKWARD_SPLITS, triton.cdiv(1024, max(1, B * d_blocks))))
+    per_program = max(1, triton.cdiv(chunks, splits)) * chunk_s
+    splits = max(1, triton.cdiv(S, per_program))
+    work = mu.dtype if splits == 1 else torch.promote_types(mu.dtype, torch.float32)
+    dmu = torch.empty((splits, B, M, D), dtype=work, device=mu.device)
+    dlv = torch.empty((splits, B, M, D), dtype=work, device=mu.device)
+    dpmu = mu.new_empty((splits, B, D), dtype=work) if has_prior else mu.new_empty(0)
+    dplv = mu.new_empty((splits, B, D), dtype=work) if has_prior else mu.new_empty(0)
     pmu, plv, (spb, spd), (sqb, sqd) = _prior_strides(prior_mu, prior_logvar, mu)
-    _poe_backward_kernel[grid](
+    _poe_backward_kernel[(B * splits, d_blocks)](
         grad_mu, grad_logvar, mu, logvar, mask_bytes, pmu, plv,
         dmu, dlv, dpmu if has_prior else dmu, dplv if has_prior else dlv,
-        S, M, D,
+        B, S, M, D, splits, per_program,
         *_per_subset_strides(grad_mu, mask), *_per_subset_strides(grad_logvar, mask),
         *mu.stride(), *logvar.stride(),
         skb, sks, skm,
@@ -338,4 +367,7 @@ def gaussian_poe_backward(grad_mu: torch.Tensor, grad_logvar: torch.Tensor, mu: 
         HAS_PRIOR=has_prior, ACC_DTYPE=_acc_dtype(mu.dtype),
         BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s, num_warps=warps,
     )
+    dmu, dlv = _sum_parts(dmu, mu.dtype), _sum_parts(dlv, mu.dtype)
+    if has_prior:
+        dpmu, dplv = _sum_parts(dpmu, mu.dtype), _sum_parts(dplv, mu.dtype)
     return dmu, dlv, dpmu, dplv

@@ -363,7 +363,8 @@ def gpu_tiles(monkeypatch):
 @pytest.mark.parametrize("prior_kind", ["standard", "per_row"])
 def test_gpu_tiles_sixty_four_modalities(gpu_tiles, prior_kind):
     """M = 64: 64-wide feature blocks, one subset per chunk, the three subsets of a row split
-    over three forward programs (grid 2 x 2 x 3); the backward reduces them in one program."""
+    over three programs in the forward (grid 2 x 2 x 3) and in the backward (grid 6 x 2, three
+    partial-sum slabs)."""
     assert gpu_tiles._blocks(3, 64, 100)[:3] == (64, 64, 1)
     bank = random_mask(3, 64, seed=181)
     bank[0] = False
@@ -374,13 +375,20 @@ def test_gpu_tiles_sixty_four_modalities(gpu_tiles, prior_kind):
 
 def test_gpu_tiles_chunks_split_over_programs(gpu_tiles):
     """M = 3, S = 20, d = 300: chunks of eight subsets, 128-wide feature blocks; the forward
-    splits each row's three chunks over three programs, the last one partial."""
+    and the backward split each row's three chunks over three programs, the last one partial.
+    The backward's partial sums are added in a fixed order: bitwise the same on a rerun."""
     assert gpu_tiles._blocks(20, 3, 300)[:3] == (4, 128, 8)
     mask = random_mask(2, 20, 3, seed=191)
     mask[1, 19] = True
-    check(randn(2, 3, 300, seed=192, dtype=torch.float32),
-          uniform(2, 3, 300, seed=193, low=-4, high=4, dtype=torch.float32),
-          mask, "shared", seed=194)
+    mu = randn(2, 3, 300, seed=192, dtype=torch.float32)
+    logvar = uniform(2, 3, 300, seed=193, low=-4, high=4, dtype=torch.float32)
+    check(mu, logvar, mask, "shared", seed=194)
+    g = randn(2, 20, 300, seed=199, dtype=torch.float32)
+    with torch.no_grad():
+        out = gpu_tiles.gaussian_poe_forward(mu, logvar, mask, None, None)
+        first = gpu_tiles.gaussian_poe_backward(g, g, mu, logvar, mask, None, None, *out)
+        again = gpu_tiles.gaussian_poe_backward(g, g, mu, logvar, mask, None, None, *out)
+    assert all(a.is_contiguous() and torch.equal(a, b) for a, b in zip(first, again))
     check(randn(3, 3, 300, seed=195), uniform(3, 3, 300, seed=196, low=-4, high=4),
           random_mask(3, 3, seed=197), "none", seed=198)
 
