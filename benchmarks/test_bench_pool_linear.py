@@ -3,9 +3,9 @@ the all-subsets bank ``[B, 2^M - 1, M]`` (stride 0) and per-sample masks, float3
 
 Providers (benchmarks/conftest.py): ``eager`` pools with one einsum against the subset matrix,
 then ``F.linear`` (what SumPooling does without the fused op; :func:`eager_pool_linear`, not
-mmfast's reference, which materialises ``[B, S, M, D]`` for exact non-finite semantics); ``compile`` is ``torch.compile`` of it; ``mmfast`` the op
-on the triton backend, which for a bank transforms the M rows once and pools the transformed
-rows with the kernel (GPU only). Minimum bytes: the g rows some subset holds, W, b and the
+mmfast's reference, which materialises ``[B, S, M, D]`` for exact non-finite semantics);
+``compile`` is ``torch.compile`` of it; ``mmfast`` the op on the triton backend, which for a
+bank transforms the M rows once and pools the transformed rows with the kernel (GPU only). Minimum bytes: the g rows some subset holds, W, b and the
 mask's storage read once, the ``[B, S, out]`` result written once; the backward reads the
 upstream gradient, g and W and writes the gradients of g, W and b.
 On CPU only B = 256, D = 64 runs, so the suite stays quick and cannot rot.

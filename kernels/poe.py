@@ -27,8 +27,9 @@ subsets: a missing modality's values are never read) and sweeps its subsets in c
 CHUNK_S. On the GPU, when rows alone would leave SMs idle, the forward splits the subsets of a
 row over several programs, and so does the backward: each of its parts writes partial sums to
 its own slab of a float32 workspace, and the slabs are added afterwards by one reduction. Every
-sum is over a fixed order (deterministic, no atomics). Every tensor is read by strides: a stride-0 bank and a stride-0 prior (the N(0, I)
-expert, or a ``[d]`` prior expanded to ``[B, d]``) are never materialised.
+sum is over a fixed order (deterministic, no atomics). Every tensor is read by strides: a
+stride-0 bank and a stride-0 prior (the N(0, I) expert, or a ``[d]`` prior expanded to
+``[B, d]``) are never materialised.
 """
 from __future__ import annotations
 
