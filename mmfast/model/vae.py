@@ -296,7 +296,7 @@ class MultiModalVAE(nn.Module):
             w = w + beta * (log_q_fs - log_q_f)
             terms.update(kl_rest=(log_q_f - log_q_fs).mean(0), log_q_full=log_q_f.mean(0),
                          log_q_full_given_subset=log_q_fs.mean(0))
-        value = torch.logsumexp(w, dim=0) - math.log(K)
+        value = ops.importance_logsumexp(w)
         if not bank:
             value, w, z_s = value.squeeze(1), w.squeeze(2), z_s.squeeze(2)
             terms = {k: v.squeeze(1) for k, v in terms.items()}
