@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mmfast.backend import triton_interpreting
 from mmfast.kernels._common import (LOG_2PI_HI, LOG_2PI_LO, acc_dtype, element_budget, num_warps,
                                     split_float, torch_acc_dtype)
 
@@ -275,8 +276,11 @@ def _elementwise_backward(family: int, grad: torch.Tensor | None, params: torch.
     xs = _flat(x, 1)
     s = p if log_scale is None else _flat(log_scale, 2)
     budget = element_budget()
-    block_n = min(triton.next_power_of_2(N), budget, 1024)
+    block_n = min(triton.next_power_of_2(N), budget, 1024 if triton_interpreting() else 512)
     block_b = min(triton.next_power_of_2(B), max(1, budget // block_n))
+    if not triton_interpreting():
+        # Each program loops over K: keep ~2048 of them in flight rather than a few big tiles.
+        block_b = min(block_b, max(1, triton.next_power_of_2(B * triton.cdiv(N, block_n)) // 2048))
     hi, lo = split_float(min_scale)
     grid = (triton.cdiv(B, block_b), triton.cdiv(N, block_n))
     _elementwise_backward_kernel[grid](
