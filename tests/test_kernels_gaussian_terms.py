@@ -234,6 +234,16 @@ def test_inputs_are_not_mutated():
         assert torch.equal(before[k], v.detach()), k
 
 
+@pytest.mark.parametrize("C", [None, 5])
+def test_gpu_tile_configuration(monkeypatch, C):
+    """The GPU block heuristics (register-sized tiles, rows spread over many programs, the
+    mixture's program cap), run in the interpreter on small tensors."""
+    import mmfast.kernels._common as common
+    monkeypatch.setattr(common, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(kernel, "triton_interpreting", lambda: False)
+    compare(make(3, 6, 2, 9, C, seed=80), stl=True, seed=81)
+
+
 # ------------------------------------------------------------------ model exactness on triton
 
 def test_model_exactness_on_the_triton_backend():

@@ -308,6 +308,24 @@ def test_inputs_are_not_mutated():
         assert torch.equal(old, new.detach())
 
 
+def test_gpu_tile_configuration(monkeypatch):
+    """The GPU block heuristics (register-sized tiles, a backward split into many programs),
+    run in the interpreter on small tensors: values and gradients still match."""
+    import mmfast.kernels._common as common
+    monkeypatch.setattr(common, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(kernel, "triton_interpreting", lambda: False)
+    loc = randn(3, 2, 600, seed=70).requires_grad_(True)
+    log_scale = uniform(600, seed=71, low=-1.0, high=1.0).requires_grad_(True)
+    x = randn(2, 600, seed=72).requires_grad_(True)
+    check(laplace_log_prob(loc, log_scale, x, 0.01),
+          event_sum(laplace_elements(loc, log_scale.expand(loc.shape), x, 0.01)),
+          [loc, log_scale, x], seed=73)
+    logits = randn(2, 2, 3, 71, seed=74).requires_grad_(True)
+    target = torch.randint(0, 71, (2, 3), generator=gen(75)).to(DEVICE)
+    check(categorical_log_prob(logits, target), event_sum(categorical_elements(logits, target)),
+          [logits], seed=76)
+
+
 # --------------------------------------------------------------------------------- GPU only
 
 @pytest.mark.cuda
