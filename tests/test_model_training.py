@@ -12,11 +12,7 @@ D_LAT = 2
 
 @pytest.fixture(autouse=True)
 def _reference(reference_backend):
-    # Tiny ops: one thread avoids OpenMP spin-waiting on a shared 2-core machine (60x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
 
 
 def synthetic(n, seed):
