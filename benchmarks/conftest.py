@@ -19,6 +19,7 @@ import torch._dynamo  # noqa: F401  (recompile limit below)
 
 import mmfast
 from mmfast.backend import triton_can_run
+from mmfast.subsets import all_subsets
 
 # One compiled reference serves every shape of a suite (dynamic=False): allow a recompile per
 # shape instead of silently falling back to eager after the default limit of 8.
@@ -124,6 +125,20 @@ def run_case(benchmark, fn: Callable, make_inputs: Callable[[], Sequence], mode:
         **info)
     if HAS_CUDA:
         benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base
+
+
+def make_mask(kind: str, B: int, M: int, nonempty: bool = False) -> torch.Tensor:
+    """``per-sample``: a seeded random subset per row, bool ``[B, M]`` (with ``nonempty``, each
+    row holds at least one modality); ``all-subsets``: every non-empty subset of M, shared by
+    all rows as a stride-0 ``[B, 2^M - 1, M]`` bank."""
+    if kind == "per-sample":
+        g = torch.Generator().manual_seed(B * 100 + M)
+        mask = torch.rand(B, M, generator=g) < 0.5
+        if nonempty:
+            mask[torch.arange(B), torch.randint(M, (B,), generator=g)] = True
+        return mask.to(DEVICE)
+    bank = all_subsets(M, device=DEVICE)
+    return bank.expand(B, *bank.shape)
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,9 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, HAS_CUDA, provider_fn, run_case
+from conftest import DEVICE, HAS_CUDA, make_mask, provider_fn, run_case
 from mmfast.ops import gaussian_poe
-from mmfast.subsets import all_subsets
 
 
 MEMORY_CAP = 24 * 2**30      # skip a case whose outputs and gradients would exceed this
@@ -50,14 +49,6 @@ def eager_poe(mu: torch.Tensor, logvar: torch.Tensor, mask: torch.Tensor,
 
 def mmfast_poe(mu, logvar, mask, prior_mu, prior_logvar):
     return gaussian_poe(mu, logvar, mask, prior=True)
-
-
-def make_mask(kind: str, B: int, M: int) -> torch.Tensor:
-    if kind == "per-sample":
-        g = torch.Generator().manual_seed(B * 100 + M)
-        return (torch.rand(B, M, generator=g) < 0.5).to(DEVICE)
-    bank = all_subsets(M, device=DEVICE)
-    return bank.expand(B, *bank.shape)
 
 
 def min_bytes(mode: str, mu: torch.Tensor, mask: torch.Tensor) -> int:

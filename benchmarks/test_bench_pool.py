@@ -14,9 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, HAS_CUDA, provider_fn, run_case
+from conftest import DEVICE, HAS_CUDA, make_mask, provider_fn, run_case
 from mmfast.ops import subset_sum_pool
-from mmfast.subsets import all_subsets
 
 
 MEMORY_CAP = 24 * 2**30      # skip a case whose output alone would exceed this
@@ -36,14 +35,6 @@ def eager_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     rows = torch.where(bank.any(dim=1).unsqueeze(-1), x, 0.0)
     out = torch.einsum("bsm,bmd->bsd", bank.to(x.dtype), rows)
     return out if mask.dim() == 3 else out[:, 0]
-
-
-def make_mask(kind: str, B: int, M: int) -> torch.Tensor:
-    if kind == "per-sample":
-        g = torch.Generator().manual_seed(B * 100 + M)
-        return (torch.rand(B, M, generator=g) < 0.5).to(DEVICE)
-    bank = all_subsets(M, device=DEVICE)
-    return bank.expand(B, *bank.shape)
 
 
 def min_bytes(mode: str, x: torch.Tensor, mask: torch.Tensor) -> int:

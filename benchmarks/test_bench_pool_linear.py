@@ -15,9 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, HAS_CUDA, provider_fn, run_case
+from conftest import DEVICE, HAS_CUDA, make_mask, provider_fn, run_case
 from mmfast.ops import subset_pool_linear
-from mmfast.subsets import all_subsets
 
 
 MEMORY_CAP = 24 * 2**30      # skip a case whose tensors would exceed this
@@ -40,14 +39,6 @@ def eager_pool_linear(g: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
     pooled = torch.einsum("bsm,bmd->bsd", bank.to(g.dtype), rows)
     out = torch.nn.functional.linear(pooled, weight, bias)
     return out if mask.dim() == 3 else out[:, 0]
-
-
-def make_mask(kind: str, B: int, M: int) -> torch.Tensor:
-    if kind == "per-sample":
-        g = torch.Generator().manual_seed(B * 100 + M)
-        return (torch.rand(B, M, generator=g) < 0.5).to(DEVICE)
-    bank = all_subsets(M, device=DEVICE)
-    return bank.expand(B, *bank.shape)
 
 
 def min_bytes(mode: str, g: torch.Tensor, mask: torch.Tensor) -> int:
