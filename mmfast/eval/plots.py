@@ -57,14 +57,19 @@ def training_curves(metrics_csv: str | os.PathLike, path: str | os.PathLike, run
     from mmfast.train.metrics import read_metrics
     runs = runs or {"train": metrics_csv}
     fig, ax = plt.subplots(figsize=(6, 3.6))
+    values = []
     for label, csv_path in runs.items():
         if not Path(csv_path).exists():
             continue
         rows = [r for r in read_metrics(csv_path) if r["name"] == "train/objective"]
         ax.plot([r["step"] for r in rows], [r["value"] for r in rows], label=label, lw=1)
+        values += [r["value"] for r in rows]
     ax.set_xlabel("step")
     ax.set_ylabel("objective (per sample)")
-    ax.set_yscale("symlog")
+    if len(values) > 10:  # the first steps dwarf the rest: show the upper 90% of the values
+        values.sort()
+        low, high = values[len(values) // 10], values[-1]
+        ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
