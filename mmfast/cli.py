@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         torch.set_num_threads(threads)  # main() may run inside a larger program (tests)
+        from mmfast.train.distributed import teardown
+        teardown()
 
 
 if __name__ == "__main__":

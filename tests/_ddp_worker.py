@@ -8,6 +8,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _toy_model import ToyModel, toy_data  # noqa: E402
 from mmfast.train import TrainConfig, Trainer  # noqa: E402
+from mmfast.train.distributed import teardown  # noqa: E402
 
 out = sys.argv[1]
 torch.manual_seed(0)
@@ -19,3 +20,4 @@ summary = trainer.fit()
 torch.save({"params": [p.detach().clone() for p in trainer.model.parameters()],
             "ddp": type(trainer.step_module).__name__, "world": trainer.world_size,
             "summary": summary}, os.path.join(out, f"rank{trainer.rank}.pt"))
+teardown()

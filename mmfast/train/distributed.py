@@ -27,6 +27,15 @@ def setup(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def teardown() -> None:
+    """Leave the process group, if one was joined. A process that exits with gloo's threads
+    still running can abort ("terminate called without an active exception"), failing the
+    launcher even after a successful run."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
