@@ -8,7 +8,6 @@ does not depend on z), and, for gradients, autograd through that brute force.
 """
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 
 import mmfast
 from conftest import DEVICE
+from _seeded import all_subsets_bank, gen, randn, random_mask
 from mmfast.ops import gaussian_poe
 
 F64 = torch.float64
@@ -24,26 +24,9 @@ TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5),
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(*shape, seed: int, dtype=F64) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen(seed), dtype=F64).to(DEVICE, dtype)
-
-
 def uniform(*shape, seed: int, low: float, high: float, dtype=F64) -> torch.Tensor:
     t = torch.rand(*shape, generator=gen(seed), dtype=F64) * (high - low) + low
     return t.to(DEVICE, dtype)
-
-
-def random_mask(*shape, seed: int) -> torch.Tensor:
-    return (torch.rand(*shape, generator=gen(seed)) < 0.5).to(DEVICE)
-
-
-def all_subsets_bank(M: int) -> torch.Tensor:
-    return torch.tensor(list(itertools.product([False, True], repeat=M)),
-                        dtype=torch.bool, device=DEVICE).reshape(2 ** M, M)
 
 
 def as_bank(mask: torch.Tensor) -> torch.Tensor:

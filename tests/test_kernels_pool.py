@@ -8,13 +8,13 @@ modalities, gradcheck, and bitwise-deterministic backward passes.
 """
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch
 
 import mmfast
 from conftest import DEVICE
+from _seeded import all_subsets_bank, randn, random_mask
 from mmfast.ops import subset_sum_pool
 
 F64 = torch.float64
@@ -22,24 +22,6 @@ F64 = torch.float64
 # accumulation is float32, so the error is the final rounding to the output dtype.
 TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5),
        torch.float16: (2e-3, 2e-3), torch.bfloat16: (1e-2, 1e-2)}
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(*shape, seed: int, dtype=F64) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen(seed), dtype=F64).to(DEVICE, dtype)
-
-
-def random_mask(*shape, seed: int) -> torch.Tensor:
-    return (torch.rand(*shape, generator=gen(seed)) < 0.5).to(DEVICE)
-
-
-def all_subsets_bank(M: int) -> torch.Tensor:
-    """bool ``[2^M, M]``, the empty and full sets included (itertools, not mmfast.subsets)."""
-    return torch.tensor(list(itertools.product([False, True], repeat=M)),
-                        dtype=torch.bool, device=DEVICE).reshape(2 ** M, M)
 
 
 def as_bank(mask: torch.Tensor) -> torch.Tensor:

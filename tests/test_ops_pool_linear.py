@@ -6,36 +6,19 @@ with the kernel, or pool with the kernel then transform the S rows); both are ex
 """
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch
 
 import mmfast
 from conftest import DEVICE
+from _seeded import all_subsets_bank, randn, random_mask
 from mmfast.ops import subset_pool_linear
 from mmfast.ops.pool_linear import transform_first
 
 F64 = torch.float64
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-4),
        torch.float16: (1e-2, 2e-2), torch.bfloat16: (5e-2, 1e-1)}
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(*shape, seed: int, dtype=F64) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen(seed), dtype=F64).to(DEVICE, dtype)
-
-
-def random_mask(*shape, seed: int) -> torch.Tensor:
-    return (torch.rand(*shape, generator=gen(seed)) < 0.5).to(DEVICE)
-
-
-def all_subsets_bank(M: int) -> torch.Tensor:
-    return torch.tensor(list(itertools.product([False, True], repeat=M)),
-                        dtype=torch.bool, device=DEVICE).reshape(2 ** M, M)
 
 
 def brute(g, mask, weight, bias):
