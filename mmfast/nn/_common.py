@@ -3,9 +3,10 @@ posterior."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mmfast.distributions import DiagGaussian, DiagGaussianMixture
+from mmfast.nn.mlp import MLP
 
 
 def check_inputs(name: str, features: Tensor, mask: Tensor, feature_dim: int) -> None:
@@ -48,3 +49,34 @@ def mixture_head(out: Tensor, latent_dim: int, components: int) -> DiagGaussianM
     params = params.unflatten(-1, (components, 2 * latent_dim))
     mu, logvar = params.split(latent_dim, dim=-1)
     return DiagGaussianMixture(logits, mu, logvar)
+
+
+class RhoHead:
+    """Mixin of the pooling aggregators: ρ after the masked sum, to a DiagGaussian.
+
+    ``rho_in`` is ρ's first Linear, kept apart so that a subset bank can move it inside the sum
+    (``W Σ g_m = Σ W g_m``); ``rho`` is the rest. Classes using it set ``latent_dim`` first.
+    """
+
+    def _build_rho(self, in_dim: int, hidden: int, num_layers: int,
+                   activation: type[nn.Module]) -> None:
+        self.rho_in = nn.Linear(in_dim, hidden)
+        self.rho = nn.Sequential(activation(),
+                                 MLP(hidden, self._out_dim(), [hidden] * (num_layers - 1), activation))
+
+    def _out_dim(self) -> int:
+        return 2 * self.latent_dim
+
+    def _head(self, out: Tensor):
+        return gaussian_head(out, self.latent_dim)
+
+
+class MixtureRhoHead:
+    """Put before a :class:`RhoHead` aggregator: ρ outputs C logits, C means and C logvars of a
+    diagonal Gaussian mixture. Classes using it set ``components`` before building ρ."""
+
+    def _out_dim(self) -> int:
+        return mixture_out_dim(self.latent_dim, self.components)
+
+    def _head(self, out: Tensor):
+        return mixture_head(out, self.latent_dim, self.components)

@@ -6,8 +6,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from mmfast import ops
-from mmfast.nn._common import (check_inputs, gaussian_head, mixture_head, mixture_out_dim,
-                               zero_unused)
+from mmfast.nn._common import MixtureRhoHead, RhoHead, check_inputs, zero_unused
 from mmfast.nn.mlp import MLP
 
 __all__ = ["AttentionBlock", "SelfAttention", "SelfAttentionMixture"]
@@ -56,7 +55,7 @@ class AttentionBlock(nn.Module):
         return ops.subset_attention(q, k, v, mask, self.num_heads)
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(RhoHead, nn.Module):
     """``e_m = MLP(h_m)``; ``depth`` pre-LN attention blocks over the tokens of S; LayerNorm;
     ``Σ_{m∈S}``; ρ -> DiagGaussian. Paper code defaults: one block, 4 heads, width 256.
 
@@ -79,15 +78,7 @@ class SelfAttention(nn.Module):
         self.blocks = nn.ModuleList(AttentionBlock(width, num_heads, hidden, activation)
                                     for _ in range(depth))
         self.norm = nn.LayerNorm(width)
-        self.rho_in = nn.Linear(width, hidden)
-        self.rho = nn.Sequential(activation(),
-                                 MLP(hidden, self._out_dim(), [hidden] * (num_layers - 1), activation))
-
-    def _out_dim(self) -> int:
-        return 2 * self.latent_dim
-
-    def _head(self, out: Tensor):
-        return gaussian_head(out, self.latent_dim)
+        self._build_rho(width, hidden, num_layers, activation)
 
     def forward(self, features: Tensor, mask: Tensor):
         check_inputs(type(self).__name__, features, mask, self.feature_dim)
@@ -103,16 +94,10 @@ class SelfAttention(nn.Module):
         return self._head(self.rho(self.rho_in(pooled)))
 
 
-class SelfAttentionMixture(SelfAttention):
+class SelfAttentionMixture(MixtureRhoHead, SelfAttention):
     """SelfAttention whose ρ outputs a C-component diagonal Gaussian mixture. Options as
     :class:`SelfAttention`, plus ``components`` (default 5)."""
 
     def __init__(self, feature_dim: int, latent_dim: int, components: int = 5, **options):
         self.components = components
         super().__init__(feature_dim, latent_dim, **options)
-
-    def _out_dim(self) -> int:
-        return mixture_out_dim(self.latent_dim, self.components)
-
-    def _head(self, out: Tensor):
-        return mixture_head(out, self.latent_dim, self.components)

@@ -4,14 +4,13 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from mmfast import ops
-from mmfast.nn._common import (check_inputs, gaussian_head, mixture_head, mixture_out_dim,
-                               zero_unused)
+from mmfast.nn._common import MixtureRhoHead, RhoHead, check_inputs, zero_unused
 from mmfast.nn.mlp import MLP
 
 __all__ = ["SumPooling", "SumPoolingMixture"]
 
 
-class SumPooling(nn.Module):
+class SumPooling(RhoHead, nn.Module):
     """Permutation-invariant pooling: ``ρ(Σ_{m∈S} χ(h_m))`` -> DiagGaussian.
 
     χ runs once per modality and sample, whatever the subsets; only the masked sum (and ρ)
@@ -36,15 +35,7 @@ class SumPooling(nn.Module):
         self.feature_dim, self.latent_dim = feature_dim, latent_dim
         pool_dim = pool_dim or hidden
         self.chi = MLP(feature_dim, pool_dim, [hidden] * num_layers, activation)
-        self.rho_in = nn.Linear(pool_dim, hidden)
-        self.rho = nn.Sequential(activation(),
-                                 MLP(hidden, self._out_dim(), [hidden] * (num_layers - 1), activation))
-
-    def _out_dim(self) -> int:
-        return 2 * self.latent_dim
-
-    def _head(self, out: Tensor):
-        return gaussian_head(out, self.latent_dim)
+        self._build_rho(pool_dim, hidden, num_layers, activation)
 
     def pool_rho_in(self, g: Tensor, mask: Tensor) -> Tensor:
         """``rho_in(Σ_{m∈S} g_m)``: g ``[B, M, P]`` -> ``[B, (S,) hidden]``.
@@ -62,16 +53,10 @@ class SumPooling(nn.Module):
         return self._head(self.rho(self.pool_rho_in(g, mask)))
 
 
-class SumPoolingMixture(SumPooling):
+class SumPoolingMixture(MixtureRhoHead, SumPooling):
     """SumPooling whose ρ outputs a C-component diagonal Gaussian mixture (C logits, C means,
     C logvars). Options as :class:`SumPooling`, plus ``components`` (default 5)."""
 
     def __init__(self, feature_dim: int, latent_dim: int, components: int = 5, **options):
         self.components = components
         super().__init__(feature_dim, latent_dim, **options)
-
-    def _out_dim(self) -> int:
-        return mixture_out_dim(self.latent_dim, self.components)
-
-    def _head(self, out: Tensor):
-        return mixture_head(out, self.latent_dim, self.components)
