@@ -76,6 +76,30 @@ def _load_prior(pmu_ptr, plv_ptr, row, offs_d, valid_d, stride_pb, stride_pd, st
 
 
 @triton.jit
+def _load_experts(mu_ptr, lv_ptr, mask_ptr, pmu_ptr, plv_ptr, row, first, last, offs_m, offs_d,
+                  chunk, valid_d, M, stride_mb, stride_mm, stride_md, stride_vb, stride_vm,
+                  stride_vd, stride_kb, stride_ks, stride_km, stride_pb, stride_pd, stride_qb,
+                  stride_qd, HAS_PRIOR: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr):
+    """The experts a program needs for subsets ``[first, last)`` of ``row``: mu and -logvar
+    ``[BLOCK_M, BLOCK_D]`` and the prior's mean and log-precision ``[BLOCK_D]``. Only the rows of
+    modalities some of those subsets hold are read (NaN in the others cannot leak)."""
+    needed = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for s0 in range(first, last, CHUNK_S):
+        member = _load_members(mask_ptr, row, s0 + chunk, offs_m, last, M,
+                               stride_kb, stride_ks, stride_km)
+        needed = tl.maximum(needed, tl.max(member.to(tl.int32), axis=0))
+    needed = needed > 0
+    mu = _load_rows(mu_ptr, row, offs_m, offs_d, needed, valid_d,
+                    stride_mb, stride_mm, stride_md, ACC_DTYPE)
+    neg_logvar = -_load_rows(lv_ptr, row, offs_m, offs_d, needed, valid_d,
+                             stride_vb, stride_vm, stride_vd, ACC_DTYPE)
+    prior_mu, prior_l = _load_prior(pmu_ptr, plv_ptr, row, offs_d, valid_d, stride_pb, stride_pd,
+                                    stride_qb, stride_qd, HAS_PRIOR, ACC_DTYPE, BLOCK_D)
+    return mu, neg_logvar, prior_mu, prior_l
+
+
+@triton.jit
 def _subset_product(member, mu, neg_logvar, prior_mu, prior_l, HAS_PRIOR: tl.constexpr):
     """The log-sum-exp pieces of the product over each subset of a chunk.
 
@@ -123,19 +147,11 @@ def _poe_forward_kernel(
     chunk = tl.arange(0, CHUNK_S)
     valid_d = offs_d < D
 
-    # Which modalities any subset of this program holds: only those rows are read.
-    needed = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    for s0 in range(first, last, CHUNK_S):
-        member = _load_members(mask_ptr, row, s0 + chunk, offs_m, last, M,
-                               stride_kb, stride_ks, stride_km)
-        needed = tl.maximum(needed, tl.max(member.to(tl.int32), axis=0))
-    needed = needed > 0
-    mu = _load_rows(mu_ptr, row, offs_m, offs_d, needed, valid_d,
-                    stride_mb, stride_mm, stride_md, ACC_DTYPE)
-    neg_logvar = -_load_rows(lv_ptr, row, offs_m, offs_d, needed, valid_d,
-                             stride_vb, stride_vm, stride_vd, ACC_DTYPE)
-    prior_mu, prior_l = _load_prior(pmu_ptr, plv_ptr, row, offs_d, valid_d, stride_pb, stride_pd,
-                                    stride_qb, stride_qd, HAS_PRIOR, ACC_DTYPE, BLOCK_D)
+    mu, neg_logvar, prior_mu, prior_l = _load_experts(
+        mu_ptr, lv_ptr, mask_ptr, pmu_ptr, plv_ptr, row, first, last, offs_m, offs_d, chunk,
+        valid_d, M, stride_mb, stride_mm, stride_md, stride_vb, stride_vm, stride_vd,
+        stride_kb, stride_ks, stride_km, stride_pb, stride_pd, stride_qb, stride_qd,
+        HAS_PRIOR, ACC_DTYPE, BLOCK_M, BLOCK_D, CHUNK_S)
 
     for s0 in range(first, last, CHUNK_S):
         offs_s = s0 + chunk
@@ -177,18 +193,11 @@ def _poe_backward_kernel(
     valid_d = offs_d < D
     valid_m = offs_m < M
 
-    needed = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    for s0 in range(first, last, CHUNK_S):
-        member = _load_members(mask_ptr, row, s0 + chunk, offs_m, last, M,
-                               stride_kb, stride_ks, stride_km)
-        needed = tl.maximum(needed, tl.max(member.to(tl.int32), axis=0))
-    needed = needed > 0
-    mu = _load_rows(mu_ptr, row, offs_m, offs_d, needed, valid_d,
-                    stride_mb, stride_mm, stride_md, ACC_DTYPE)
-    neg_logvar = -_load_rows(lv_ptr, row, offs_m, offs_d, needed, valid_d,
-                             stride_vb, stride_vm, stride_vd, ACC_DTYPE)
-    prior_mu, prior_l = _load_prior(pmu_ptr, plv_ptr, row, offs_d, valid_d, stride_pb, stride_pd,
-                                    stride_qb, stride_qd, HAS_PRIOR, ACC_DTYPE, BLOCK_D)
+    mu, neg_logvar, prior_mu, prior_l = _load_experts(
+        mu_ptr, lv_ptr, mask_ptr, pmu_ptr, plv_ptr, row, first, last, offs_m, offs_d, chunk,
+        valid_d, M, stride_mb, stride_mm, stride_md, stride_vb, stride_vm, stride_vd,
+        stride_kb, stride_ks, stride_km, stride_pb, stride_pd, stride_qb, stride_qd,
+        HAS_PRIOR, ACC_DTYPE, BLOCK_M, BLOCK_D, CHUNK_S)
 
     # Index-times-stride products in 64 bits: a latent-dim-first gradient has stride B*S on d.
     d64 = offs_d.to(tl.int64)[None, :]
