@@ -17,7 +17,9 @@ trainer = Trainer(ToyModel(stochastic=False), toy_data(n=45),
                               tensorboard="off", grad_clip=0.5),
                   run_dir=os.path.join(out, "run"))
 summary = trainer.fit()
+wrapper = type(trainer.step_module).__name__
+trainer.close()  # release DDP's reducer before the process group goes (see Trainer.close)
 torch.save({"params": [p.detach().clone() for p in trainer.model.parameters()],
-            "ddp": type(trainer.step_module).__name__, "world": trainer.world_size,
+            "ddp": wrapper, "world": trainer.world_size,
             "summary": summary}, os.path.join(out, f"rank{trainer.rank}.pt"))
 teardown()

@@ -1,4 +1,5 @@
 """Trainer: learning, clipping after backward, data order, evaluation, metrics."""
+import pytest
 import torch
 
 from _toy_model import ToyModel, toy_data
@@ -98,3 +99,16 @@ def test_adamw_and_options_validated():
         TrainConfig(optimizer="sgd")
     with pytest.raises(ValueError, match="objective"):
         TrainConfig(objective="elbo")
+
+
+def test_closed_trainer_keeps_its_model_and_refuses_to_train():
+    trainer = Trainer(ToyModel(stochastic=False), toy_data(n=30),
+                      TrainConfig(epochs=1, batch_size=10, progress=False, tensorboard="off"))
+    trainer.fit()
+    weights = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.close()
+    trainer.close()  # idempotent
+    for p, q in zip(trainer.model.parameters(), weights):
+        assert torch.equal(p, q)
+    with pytest.raises(RuntimeError, match="closed"):
+        trainer.fit()

@@ -7,6 +7,7 @@ gradients only for calls that go through its own ``forward``.
 """
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -30,8 +31,10 @@ def setup(device: torch.device) -> tuple[int, int]:
 def teardown() -> None:
     """Leave the process group, if one was joined. A process that exits with gloo's threads
     still running can abort ("terminate called without an active exception"), failing the
-    launcher even after a successful run."""
+    launcher even after a successful run. Close the :class:`~mmfast.train.Trainer` first: its
+    DDP reducer holds the group; the collection here frees wrappers no longer referenced."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 

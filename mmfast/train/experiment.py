@@ -214,7 +214,10 @@ def run(cfg: ExperimentConfig, progress: bool = True, resume: bool = True,
                       extra_state={"config_toml": to_toml(cfg)})
     if trainer.rank == 0:
         (run_dir / "config.toml").write_text(to_toml(cfg))
-    summary = trainer.fit(resume=resume, max_steps=max_steps)
+    try:
+        summary = trainer.fit(resume=resume, max_steps=max_steps)
+    finally:
+        trainer.close()
     results: dict = {}
     if trainer.rank == 0 and trainer.epoch >= cfg.train.epochs:
         results = evaluate(exp, run_dir, progress=progress)

@@ -19,6 +19,7 @@ loss is weighted so that the averaged gradient is the gradient of the global bat
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 from dataclasses import asdict, dataclass, fields
@@ -113,6 +114,7 @@ class Trainer:
             step_module = DistributedDataParallel(step_module, device_ids=device_ids,
                                                   find_unused_parameters=True)
         self.step_module = step_module
+        self._closed = False
         self.step = self.epoch = self.step_in_epoch = 0
         self._running = torch.zeros(2, dtype=torch.float64, device=self.device)  # [sum, count]
         self.history: list[dict] = []
@@ -230,6 +232,9 @@ class Trainer:
 
         Returns a summary: step, epoch, the last logged training objective and last evaluation.
         """
+        if self._closed:
+            raise RuntimeError("this Trainer was closed (its DistributedDataParallel wrapper was "
+                               "released); make a new Trainer to train again")
         cfg = self.config
         resumed = False
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
@@ -282,6 +287,22 @@ class Trainer:
             if self.logger is not None:
                 self.logger.close()
         return self._summary()
+
+    def close(self) -> None:
+        """Release the DistributedDataParallel wrapper now, while the interpreter is fully alive.
+
+        DDP's reducer holds the process group and tensors with Python references; left to the
+        interpreter's finalisation, its destruction can race gloo's worker threads and abort the
+        process after a successful run ("terminate called without an active exception"). Call
+        this before :func:`mmfast.train.distributed.teardown`. Harmless on one process; the model
+        and its weights stay usable, but :meth:`fit` refuses to run afterwards.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self.world_size > 1:
+            self.step_module = self.step_module.module  # drop the DDP wrapper and its reducer
+            gc.collect()
 
     def _summary(self) -> dict:
         last = self.history[-1]["train/objective"] if self.history else math.nan
