@@ -23,6 +23,11 @@ Element-wise log-probabilities are never stored: the forward accumulates them in
 
 The backward of the element-wise families gives each program a tile of (b, n) and loops over k,
 so the sum over K for ∂x happens in registers in a fixed order: deterministic, no atomics.
+``log_scale`` arrives as ``[Ks, Bs, N]`` with Ks in {1, K} and Bs in {1, B} (the op layer
+keeps a shared scale unexpanded), and its gradient is reduced where it is made: over k in
+registers when Ks = 1, over the tile's b rows when Bs = 1, with one partial row per b-block
+summed afterwards in a fixed order. A per-dimension scale thus costs an ``[N]`` gradient, not
+a ``[K, B, N]`` one.
 """
 from __future__ import annotations
 
@@ -103,9 +108,14 @@ def _elementwise_backward_kernel(
     stride_sk, stride_sb, stride_sn,
     stride_xb, stride_xn,
     FAMILY: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    S_PER_K: tl.constexpr, S_PER_B: tl.constexpr,
 ):
-    """One program: a [BLOCK_B, BLOCK_N] tile of (b, n), all K samples in order."""
-    offs_b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    """One program: a [BLOCK_B, BLOCK_N] tile of (b, n), all K samples in order.
+
+    ``ds_ptr`` is ``[Ks, B, N]`` when ``S_PER_B``, else ``[Ks, num_b_blocks, N]`` partial sums
+    (Ks = K when ``S_PER_K``, else 1)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     valid_b = offs_b < B
     valid = valid_b[:, None] & (offs_n < N)[None, :]
@@ -114,7 +124,10 @@ def _elementwise_backward_kernel(
     min_scale = tl.cast(min_hi, ACC) + tl.cast(min_lo, ACC)
     # Gradients are contiguous: [K, B, N] for the parameters, [B, N] for x.
     tile = offs_b[:, None] * N + offs_n[None, :]
+    valid_n = offs_n < N
+    part = (pid_b if not S_PER_B else 0) * N + offs_n  # this program's partial row of ds
     dx = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC)
+    ds_sum = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC)  # Σ_k ds, for a scale shared over k
     for k_step in range(0, K):
         k = tl.cast(k_step, tl.int64)
         g = tl.load(g_ptr + k * stride_gk + offs_b * stride_gb, mask=valid_b, other=0.0).to(ACC)
@@ -140,9 +153,23 @@ def _elementwise_backward_kernel(
                 dp = g * sign / scale
                 ds = g * (tl.abs(diff) / scale - 1.0) * (raw / scale)
             dx -= dp
-            tl.store(ds_ptr + out, ds.to(ds_ptr.dtype.element_ty), mask=valid)
+            ds = tl.where(valid, ds, 0.0)  # padding lanes must not enter the sums
+            if S_PER_K:
+                if S_PER_B:
+                    tl.store(ds_ptr + out, ds.to(ds_ptr.dtype.element_ty), mask=valid)
+                else:
+                    tl.store(ds_ptr + k * tl.num_programs(0) * N + part,
+                             tl.sum(ds, axis=0).to(ds_ptr.dtype.element_ty), mask=valid_n)
+            else:
+                ds_sum += ds
         tl.store(dp_ptr + out, dp.to(dp_ptr.dtype.element_ty), mask=valid)
     tl.store(dx_ptr + tile, dx.to(dx_ptr.dtype.element_ty), mask=valid)
+    if FAMILY != 0 and not S_PER_K:
+        if S_PER_B:
+            tl.store(ds_ptr + tile, ds_sum.to(ds_ptr.dtype.element_ty), mask=valid)
+        else:
+            tl.store(ds_ptr + part, tl.sum(ds_sum, axis=0).to(ds_ptr.dtype.element_ty),
+                     mask=valid_n)
 
 
 @triton.jit
@@ -229,6 +256,15 @@ def _flat(t: torch.Tensor, lead: int) -> torch.Tensor:
     return t.reshape(*t.shape[:lead], -1)
 
 
+def _scale_view(log_scale: torch.Tensor | None, params: torch.Tensor):
+    """``[Ks, Bs, *event]`` log-scale -> (``[Ks, Bs, N]`` view, its (k, b, n) strides with 0 on
+    a broadcast axis). Without a scale (bernoulli), the parameters stand in, never read."""
+    s = params if log_scale is None else log_scale
+    s = _flat(s, 2)
+    return s, (0 if s.shape[0] == 1 else s.stride(0), 0 if s.shape[1] == 1 else s.stride(1),
+               s.stride(2))
+
+
 def _forward_blocks(N: int) -> tuple[int, int]:
     budget = element_budget()
     block_n = min(triton.next_power_of_2(max(N, 1)), budget, 2048)
@@ -246,14 +282,14 @@ def _elementwise_forward(family: int, params: torch.Tensor, log_scale: torch.Ten
     if N == 0:
         return out.zero_()
     xs = _flat(x, 1)
-    s = p if log_scale is None else _flat(log_scale, 2)
+    s, s_strides = _scale_view(log_scale, params)
     block_r, block_n = _forward_blocks(N)
     block_r = min(block_r, triton.next_power_of_2(K * B))
     hi, lo = split_float(min_scale)
     grid = (triton.cdiv(K * B, block_r),)
     _elementwise_forward_kernel[grid](
         p, s, xs, out, K * B, B, N, hi, lo,
-        *p.stride(), *s.stride(), *xs.stride(),
+        *p.stride(), *s_strides, *xs.stride(),
         FAMILY=family, ACC=acc_dtype(params.dtype), BLOCK_R=block_r, BLOCK_N=block_n,
         num_warps=num_warps(block_r * block_n))
     return out
@@ -261,34 +297,43 @@ def _elementwise_forward(family: int, params: torch.Tensor, log_scale: torch.Ten
 
 def _elementwise_backward(family: int, grad: torch.Tensor | None, params: torch.Tensor,
                           log_scale: torch.Tensor | None, x: torch.Tensor, min_scale: float):
+    """-> ``(dparams [K, B, *event], dlog_scale (log_scale's shape) or None, dx [B, *event])``."""
     K, B = params.shape[:2]
     dp = torch.empty(params.shape, dtype=params.dtype, device=params.device)
-    ds = torch.empty(params.shape, dtype=params.dtype, device=params.device) \
-        if log_scale is not None else None
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if grad is None or dp.numel() == 0:
-        for t in (dp, ds, dx):
-            if t is not None:
-                t.zero_()
-        return dp, ds, dx
+        ds = None if log_scale is None else torch.zeros_like(log_scale)
+        return dp.zero_(), ds, dx.zero_()
     p = _flat(params, 2)
     N = p.shape[2]
     xs = _flat(x, 1)
-    s = p if log_scale is None else _flat(log_scale, 2)
+    s, s_strides = _scale_view(log_scale, params)
     budget = element_budget()
     block_n = min(triton.next_power_of_2(N), budget, 1024 if triton_interpreting() else 512)
     block_b = min(triton.next_power_of_2(B), max(1, budget // block_n))
     if not triton_interpreting():
         # Each program loops over K: keep ~2048 of them in flight rather than a few big tiles.
         block_b = min(block_b, max(1, triton.next_power_of_2(B * triton.cdiv(N, block_n)) // 2048))
-    hi, lo = split_float(min_scale)
     grid = (triton.cdiv(B, block_b), triton.cdiv(N, block_n))
+    per_k, per_b = s.shape[0] == K, s.shape[1] == B
+    if log_scale is None:
+        ds = dp  # never written
+    elif per_b:
+        ds = torch.empty((s.shape[0], B, N), dtype=params.dtype, device=params.device)
+    else:  # partial sums over each b-block, reduced below in a fixed order
+        ds = torch.empty((s.shape[0], grid[0], N), dtype=torch_acc_dtype(params.dtype),
+                         device=params.device)
+    hi, lo = split_float(min_scale)
     _elementwise_backward_kernel[grid](
-        grad, p, s, xs, dp, ds if ds is not None else dp, dx,
-        K, B, N, hi, lo, *grad.stride(), *p.stride(), *s.stride(), *xs.stride(),
+        grad, p, s, xs, dp, ds, dx,
+        K, B, N, hi, lo, *grad.stride(), *p.stride(), *s_strides, *xs.stride(),
         FAMILY=family, ACC=acc_dtype(params.dtype), BLOCK_B=block_b, BLOCK_N=block_n,
-        num_warps=num_warps(block_b * block_n))
-    return dp, ds, dx
+        S_PER_K=per_k, S_PER_B=per_b, num_warps=num_warps(block_b * block_n))
+    if log_scale is None:
+        return dp, None, dx
+    if not per_b:
+        ds = ds.sum(1, keepdim=True).to(params.dtype)
+    return dp, ds.reshape(log_scale.shape), dx
 
 
 def bernoulli_log_prob_forward(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -304,13 +349,14 @@ def bernoulli_log_prob_backward(grad: torch.Tensor | None, logits: torch.Tensor,
 
 def normal_log_prob_forward(loc: torch.Tensor, log_scale: torch.Tensor, x: torch.Tensor,
                             min_scale: float) -> torch.Tensor:
-    """loc and log_scale ``[K, B, *event]`` (log_scale often stride 0), x ``[B, *event]``
-    -> ``[K, B]``."""
+    """loc ``[K, B, *event]``, log_scale ``[Ks, Bs, *event]`` (Ks in {1, K}, Bs in {1, B}),
+    x ``[B, *event]`` -> ``[K, B]``."""
     return _elementwise_forward(NORMAL, loc, log_scale, x, min_scale)
 
 
 def normal_log_prob_backward(grad, loc, log_scale, x, min_scale):
-    """-> ``(dloc, dlog_scale, dx)``: ``[K, B, *event]`` twice and ``[B, *event]``."""
+    """-> ``(dloc, dlog_scale, dx)``: ``[K, B, *event]``, log_scale's ``[Ks, Bs, *event]``
+    and ``[B, *event]``."""
     return _elementwise_backward(NORMAL, grad, loc, log_scale, x, min_scale)
 
 
@@ -321,7 +367,7 @@ def laplace_log_prob_forward(loc: torch.Tensor, log_scale: torch.Tensor, x: torc
 
 
 def laplace_log_prob_backward(grad, loc, log_scale, x, min_scale):
-    """-> ``(dloc, dlog_scale, dx)``: ``[K, B, *event]`` twice and ``[B, *event]``."""
+    """As :func:`normal_log_prob_backward`, for the Laplace density."""
     return _elementwise_backward(LAPLACE, grad, loc, log_scale, x, min_scale)
 
 

@@ -161,10 +161,15 @@ def test_categorical_extreme_logits(dtype, small_tiles):
     torch.testing.assert_close(grad.to(F64), want, rtol=1e-6, atol=1e-6)
 
 
-def test_categorical_out_of_range_target_gives_nan():
+@pytest.mark.parametrize("bad", [5, -1])
+def test_categorical_out_of_range_target(bad):
+    """The op refuses it; the kernel itself (reached directly, as under torch.compile where the
+    op's check is skipped) marks the offending rows NaN rather than a wrong value."""
     logits = randn(2, 2, 3, 5, seed=12)
-    target = torch.tensor([[0, 5, 1], [2, 3, 4]], device=DEVICE)
-    out = categorical_log_prob(logits, target)
+    target = torch.tensor([[0, bad, 1], [2, 3, 4]], device=DEVICE)
+    with pytest.raises(ValueError, match=r"target has class indices.*\[0, 5\)"):
+        categorical_log_prob(logits, target)
+    out = kernel.categorical_log_prob_forward(logits, target)
     assert torch.isnan(out[:, 0]).all() and torch.isfinite(out[:, 1]).all()
 
 
@@ -175,13 +180,16 @@ FAMILIES = {"normal": (normal_log_prob, normal_elements),
 
 
 def log_scale_of(kind, K, B, event, seed, low=-1.0, high=1.0):
+    channel = event[:1] + (1,) * (len(event) - 1)  # broadcast within the event
     shape = {"full": (K, B, *event), "event": event, "scalar": (),
-             "row": (1, B) + (1,) * len(event)}
+             "row": (1, B) + (1,) * len(event), "per_k": (K, 1, *event),
+             "channel": channel, "k_channel": (K, 1, *channel)}
     return uniform(*shape[kind], seed=seed, low=low, high=high).requires_grad_(True)
 
 
 @pytest.mark.parametrize("family", ["normal", "laplace"])
-@pytest.mark.parametrize("scale_kind", ["full", "event", "scalar", "row"])
+@pytest.mark.parametrize("scale_kind", ["full", "event", "scalar", "row", "per_k", "channel",
+                                        "k_channel"])
 @pytest.mark.parametrize("K,B,event", [(1, 3, (100,)), (5, 2, (2, 3, 5)), (64, 2, (3,))])
 def test_location_scale_matches_the_density(family, scale_kind, K, B, event, small_tiles):
     op, elements = FAMILIES[family]
@@ -193,6 +201,24 @@ def test_location_scale_matches_the_density(family, scale_kind, K, B, event, sma
         assert out.shape == (K, B)
         expected = event_sum(elements(loc, log_scale.expand(loc.shape), x, min_scale))
         check(out, expected, [loc, log_scale, x], seed=16)
+
+
+@pytest.mark.parametrize("family", ["normal", "laplace"])
+@pytest.mark.parametrize("shared", [(1, 1), (5, 1), (1, 4)])
+def test_shared_scale_gradient_is_reduced_in_the_kernel(family, shared, small_tiles):
+    """A log_scale of shape [Ks, Bs, N] gets an [Ks, Bs, N] gradient from the kernel itself
+    (no [K, B, N] tensor to reduce afterwards), equal to the summed per-element gradient."""
+    K, B, N = 5, 4, 150  # several b-blocks and event chunks under the 64-element tiles
+    loc, x = randn(K, B, N, seed=80), randn(B, N, seed=81)
+    log_scale = uniform(*shared, N, seed=82, low=-1.0, high=1.0)
+    grad = randn(K, B, seed=83)
+    backward = getattr(kernel, f"{family}_log_prob_backward")
+    _, ds, _ = backward(grad, loc, log_scale, x, 0.02)
+    assert ds.shape == log_scale.shape
+    full = log_scale.expand(K, B, N).clone().requires_grad_(True)
+    elements = FAMILIES[family][1](loc, full, x, 0.02)
+    (want,) = torch.autograd.grad((event_sum(elements) * grad).sum(), [full])
+    torch.testing.assert_close(ds, want.sum_to_size(log_scale.shape), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("family", ["normal", "laplace"])

@@ -117,6 +117,8 @@ CASES = [
      r"target has dtype torch.float32; expected torch.int64"),
     ("categorical target shape", lambda: ops.categorical_log_prob(logits_k, target[:, :5]), ValueError,
      rf"target has shape {shape(B, 5)}; expected {shape(B, 6)}"),
+    ("categorical class range", lambda: ops.categorical_log_prob(logits_k, target + logits_k.shape[-1]),
+     ValueError, r"target has class indices in \[\d+, \d+\]; expected values in \[0, \d+\)"),
     ("categorical rank", lambda: ops.categorical_log_prob(f64(2, B), target[:, 0]), ValueError,
      rf"logits has shape {shape(2, B)}; expected at least 3 dimensions"),
     ("normal x", lambda: ops.normal_log_prob(loc, 0.0, f64(B + 1, 6)), ValueError,

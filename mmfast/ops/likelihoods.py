@@ -68,6 +68,14 @@ def categorical_log_prob(logits: Tensor, target: Tensor) -> Tensor:
         got = target.dtype if isinstance(target, Tensor) else type(target).__name__
         raise TypeError(f"{op}: target has dtype {got}; expected torch.int64 class indices")
     _check_data(op, "logits", logits, "target", target, tuple(logits.shape[2:-1]))
+    if target.numel() and not torch.compiler.is_compiling():
+        # One small reduction (and, on a GPU, one sync) buys a clear error instead of a device
+        # assert (reference) or NaN rows (kernel). Under torch.compile the check is skipped and
+        # the kernel's NaN marks the offending rows.
+        low, high = torch.aminmax(target)
+        if low.item() < 0 or high.item() >= logits.shape[-1]:
+            raise ValueError(f"{op}: target has class indices in [{low.item()}, {high.item()}]; "
+                             f"expected values in [0, {logits.shape[-1]}) (C = logits.shape[-1])")
     return _categorical(logits, target)
 
 
@@ -82,8 +90,23 @@ def _location_scale(op: str, fn, loc: Tensor, log_scale, x: Tensor, min_scale: f
     V.same_device(op, loc=loc, log_scale=log_scale, x=x)
     if not min_scale >= 0.0:
         raise ValueError(f"{op}: min_scale must be >= 0, got {min_scale!r}")
-    # A broadcast log_scale reaches the op as a stride-0 view; autograd of expand reduces it.
-    return fn(loc, log_scale.expand(loc.shape), x, float(min_scale))
+    return fn(loc, _canonical_scale(log_scale, loc), x, float(min_scale))
+
+
+def _canonical_scale(log_scale: Tensor, loc: Tensor) -> Tensor:
+    """``log_scale`` broadcastable to loc ``[K, B, *event]`` -> ``[Ks, Bs, *event]`` with Ks in
+    {1, K} and Bs in {1, B}.
+
+    The K and B axes stay unexpanded, so a scale shared over samples (learned per dimension, or
+    fixed) gets its gradient reduced inside the kernel instead of as a ``[K, B, *event]`` tensor;
+    only a scale broadcast within the event (per channel, say) is expanded over the event, which
+    costs ``Ks·Bs·N`` elements. Autograd of the reshape/expand sums back to the caller's shape.
+    """
+    padded = log_scale.reshape((1,) * (loc.ndim - log_scale.ndim) + tuple(log_scale.shape))
+    canonical = padded.expand(*padded.shape[:2], *loc.shape[2:])
+    if tuple(padded.shape[2:]) != tuple(loc.shape[2:]):
+        canonical = canonical.contiguous()
+    return canonical
 
 
 def normal_log_prob(loc: Tensor, log_scale, x: Tensor, min_scale: float = 0.0) -> Tensor:
