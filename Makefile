@@ -26,8 +26,13 @@ test: install
 	cd tests && ../$(PY) -m pytest -q -p no:cacheprovider .
 	cd benchmarks && ../$(PY) -m pytest -q -p no:cacheprovider --benchmark-disable .
 
+# Times every case, writes benchmarks/results/<device>.json and renders it (into the README's
+# benchmarks section when the device is a GPU; printed on CPU).
 bench: $(PY)
-	$(PY) -m pytest benchmarks -q --benchmark-json=benchmarks/results/$$($(PY) -c "import torch;print(torch.cuda.get_device_name().replace(' ','_') if torch.cuda.is_available() else 'cpu')").json
+	@dev=$$($(PY) -c "import torch;print(torch.cuda.get_device_name().replace(' ','_') if torch.cuda.is_available() else 'cpu')") && \
+	$(PY) -m pytest benchmarks -q --benchmark-json=benchmarks/results/$$dev.json && \
+	if [ "$$dev" = cpu ]; then $(PY) benchmarks/report.py benchmarks/results/cpu.json; \
+	else $(PY) benchmarks/report.py benchmarks/results/$$dev.json --readme README.md; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info
