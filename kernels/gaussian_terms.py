@@ -38,24 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfast.kernels._common import (LOG_2PI_HI, LOG_2PI_LO, acc_dtype, element_budget, num_warps,
-                                    torch_acc_dtype)
+from mmfast.kernels._common import acc_dtype, element_budget, num_warps, torch_acc_dtype
+from mmfast.kernels._gaussian_common import (_load_tile, _log_2pi_times, _logsumexp_rows,
+                                             _mixture_weights)
 from mmfast.backend import triton_interpreting
-
-_LOG_2PI_HI = tl.constexpr(LOG_2PI_HI)
-_LOG_2PI_LO = tl.constexpr(LOG_2PI_LO)
-
-
-@triton.jit
-def _log_2pi_times(n, ACC: tl.constexpr):
-    """``n · log(2π)`` in ACC, exact in float64 (float32 halves of the constant)."""
-    return n * (tl.full((), _LOG_2PI_HI, ACC) + _LOG_2PI_LO)
-
-
-@triton.jit
-def _load_tile(ptr, offs_r, offs_d, valid, stride_r, stride_d, ACC: tl.constexpr):
-    return tl.load(ptr + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d, mask=valid,
-                   other=0.0).to(ACC)
 
 
 @triton.jit
@@ -74,10 +60,7 @@ def _mixture_tiles(pl_ptr, pmu_ptr, plv_ptr, C, D, stride_pl, stride_pc, stride_
     pmu = _load_tile(pmu_ptr, offs_c, offs_d, valid, stride_pc, stride_pd, ACC)
     plv = _load_tile(plv_ptr, offs_c, offs_d, valid, stride_qc, stride_qd, ACC)
     prec = tl.where(valid, tl.exp(-plv), 0.0)
-    logits = tl.load(pl_ptr + offs_c * stride_pl, mask=valid_c, other=float("-inf")).to(ACC)
-    top = tl.max(logits, axis=0)
-    log_w = logits - top - tl.log(tl.sum(tl.exp(logits - top), axis=0))
-    weight = tl.where(valid_c, tl.exp(log_w), 0.0)
+    log_w, weight = _mixture_weights(pl_ptr, C, stride_pl, ACC, BLOCK_C)
     const = log_w - 0.5 * (_log_2pi_times(D, ACC) + tl.sum(plv, axis=1))
     const = tl.where(valid_c, const, float("-inf"))
     return pmu, prec, weight, const
@@ -89,9 +72,7 @@ def _mixture_components(z, pmu, prec, const):
     log-sum-exp ``[R]``)."""
     diff = z[:, None, :] - pmu[None, :, :]
     comp = const[None, :] - 0.5 * tl.sum(diff * diff * prec[None, :, :], axis=2)
-    top = tl.max(comp, axis=1)
-    lse = top + tl.log(tl.sum(tl.exp(comp - top[:, None]), axis=1))
-    return diff, comp, lse
+    return diff, comp, _logsumexp_rows(comp)
 
 
 @triton.jit
