@@ -49,9 +49,12 @@ def gaussian_log_prob(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
     except RuntimeError:
         raise ValueError(f"{op}: mu has shape {list(mu.shape)}; expected [*batch, d] broadcastable "
                          f"against z[k] of shape {list(z.shape[1:])}") from None
-    # Broadcasting happens here, as stride-0 views, so the op (and a kernel) sees equal shapes
-    # and autograd of expand reduces the gradients of broadcast operands.
-    return _gaussian(z.expand(z.shape[0], *batch), mu.expand(batch), logvar.expand(batch))
+    # Broadcast operands reach the op unexpanded: z only gains size-1 axes after K so that its
+    # batch axes line up with mu's. The kernel reads them by strides and sums the gradient of a
+    # shared operand itself (over k in registers, over broadcast rows per block), instead of
+    # returning a [K, *batch, d] gradient for autograd of expand to reduce.
+    aligned = z.reshape(z.shape[0], *(1,) * (len(batch) + 1 - z.dim()), *z.shape[1:])
+    return _gaussian(aligned, mu, logvar)
 
 
 def mixture_log_prob(z: Tensor, logits: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
