@@ -517,7 +517,7 @@ def _mixture_blocks(R: int, D: int, C: int) -> tuple[int, int, int, int]:
     the backward) are bounded: 64 under the interpreter, 1024 on the GPU."""
     budget = element_budget()
     block_c = triton.next_power_of_2(C)
-    block_d = min(triton.next_power_of_2(D), max(1, budget // block_c))
+    block_d = min(triton.next_power_of_2(max(D, 1)), max(1, budget // block_c))
     block_r = min(triton.next_power_of_2(R), max(1, budget // (block_c * block_d)))
     if not triton_interpreting():
         block_r = min(block_r, max(1, triton.next_power_of_2(R) // 1024))
@@ -536,6 +536,8 @@ def mixture_log_prob_forward(z: torch.Tensor, logits: torch.Tensor, mu: torch.Te
     out = torch.empty(z.shape[:-1], dtype=torch_acc_dtype(z.dtype), device=z.device)
     if out.numel() == 0:
         return out
+    if logits.shape[0] == 0:
+        return out.fill_(float("-inf"))    # an empty mixture: the log of an empty sum
     zc, _, P, Q, lz, _ = _mixture_rows(z)
     K, D, C = z.shape[0], z.shape[-1], logits.shape[0]
     R = K * P * Q
@@ -557,7 +559,8 @@ def mixture_log_prob_backward(grad, z: torch.Tensor, logits: torch.Tensor, mu: t
     Returns: ``(dz, dlogits, dmu, dlogvar)``, contiguous, in the inputs' shapes and dtypes.
     """
     zeros = [torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (z, logits, mu, logvar)]
-    if grad is None or grad.numel() == 0:
+    # Without latent dimensions every responsibility equals its weight: ∂logits = g (π − π) = 0.
+    if grad is None or grad.numel() == 0 or z.shape[-1] == 0 or logits.shape[0] == 0:
         return tuple(zeros)
     zc, gc, P, Q, lz, lg = _mixture_rows(z, grad)
     K, D, C = z.shape[0], z.shape[-1], logits.shape[0]

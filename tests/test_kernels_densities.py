@@ -332,6 +332,21 @@ def test_mixture_backward_without_cotangent_is_zero():
         assert g.shape == t.shape and g.dtype == t.dtype and not g.any()
 
 
+@pytest.mark.parametrize("z_shape", [(0, 3, 5), (3, 0, 5), (3, 4, 0)])
+def test_empty_axes(z_shape):
+    """No samples, no rows or no latent dimensions: the densities of an empty sum over d are
+    log 1 = 0 (a Gaussian) and logsumexp of the log-weights = 0 (a mixture); gradients are 0."""
+    K, B, d = z_shape
+    for fn, leaves in ((gaussian_log_prob, gaussian_case(z_shape, (B, d), seed=58)),
+                       (mixture_log_prob, mixture_case(z_shape, 3, seed=59))):
+        out = fn(*leaves)
+        assert out.shape == (K, B)
+        torch.testing.assert_close(out, torch.zeros(K, B, dtype=F64, device=DEVICE), rtol=0,
+                                   atol=1e-12)
+        for g, t in zip(torch.autograd.grad(out.sum(), leaves, allow_unused=True), leaves):
+            assert g is None or (g.shape == t.shape and not g.any())
+
+
 # ----------------------------------------------------------------------------------------- GPU
 
 @pytest.mark.cuda
