@@ -65,7 +65,8 @@ def test_mixture_log_prob(benchmark, provider, mode, B, d, K):
     def make_inputs():
         grad = mode != "forward"
         return [_leaf(K, B, d, g=g, grad=grad), _leaf(COMPONENTS, g=g, grad=grad),
-                _leaf(COMPONENTS, d, g=g, grad=grad), _leaf(COMPONENTS, d, g=g, grad=grad, scale=0.3)]
+                _leaf(COMPONENTS, d, g=g, grad=grad),
+                _leaf(COMPONENTS, d, g=g, grad=grad, scale=0.3)]
 
     run_case(benchmark, provider_fn(provider, ref.mixture_log_prob, mixture_log_prob),
              make_inputs, mode, min_bytes("mixture", mode, B, d, K), provider=provider, B=B,

@@ -166,8 +166,8 @@ def _gaussian_backward_kernel(
     dlv = tl.zeros((BLOCK_P, BLOCK_Q, BLOCK_D), dtype=ACC)
     for k_step in range(0, K):
         k = tl.cast(k_step, tl.int64)
-        g = tl.load(g_ptr + k * stride_gk + offs_p[:, None] * stride_gp + offs_q[None, :] * stride_gq,
-                    mask=valid_pq, other=0.0).to(ACC)[:, :, None]
+        g_rows = offs_p[:, None] * stride_gp + offs_q[None, :] * stride_gq
+        g = tl.load(g_ptr + k * stride_gk + g_rows, mask=valid_pq, other=0.0).to(ACC)[:, :, None]
         z = _load_3d(z_ptr + k * stride_zk, offs_p, offs_q, offs_d, valid, stride_zp, stride_zq,
                      stride_zd, ACC)
         diff = z - mu

@@ -153,13 +153,15 @@ def test_gaussian_matches_the_density(z_shape, mu_shape):
         assert torch.equal(old, new.detach()), "input was mutated"
 
 
-@pytest.mark.parametrize("z_shape,mu_shape", [((5, 3, 4, 17), (3, 1, 17)), ((5, 3, 1, 33), (3, 4, 33)),
+@pytest.mark.parametrize("z_shape,mu_shape", [((5, 3, 4, 17), (3, 1, 17)),
+                                              ((5, 3, 1, 33), (3, 4, 33)),
                                               ((5, 3, 4, 17), (17,)), ((64, 2, 19), (2, 19))])
 def test_gaussian_chunked_tiles(z_shape, mu_shape, small_tiles):
     run_gaussian(gaussian_case(z_shape, mu_shape, seed=11), seed=12)
 
 
-@pytest.mark.parametrize("z_shape,mu_shape", [((5, 7, 5, 17), (7, 1, 17)), ((3, 7, 1, 9), (7, 5, 9))])
+@pytest.mark.parametrize("z_shape,mu_shape", [((5, 7, 5, 17), (7, 1, 17)),
+                                              ((3, 7, 1, 9), (7, 5, 9))])
 def test_gaussian_gpu_tiles(z_shape, mu_shape, gpu_tiles):
     run_gaussian(gaussian_case(z_shape, mu_shape, seed=13), seed=14)
 
@@ -362,7 +364,8 @@ def test_cuda_bfloat16_matches_float64():
 @pytest.mark.parametrize("op", ["gaussian", "mixture", "gaussian_shared"])
 def test_cuda_deterministic_over_repeats(dtype, op):
     if op == "gaussian":
-        fn, leaves = gaussian_log_prob, gaussian_case((64, 4096, 64), (4096, 64), seed=64, dtype=dtype)
+        fn = gaussian_log_prob
+        leaves = gaussian_case((64, 4096, 64), (4096, 64), seed=64, dtype=dtype)
     elif op == "gaussian_shared":
         fn, leaves = gaussian_log_prob, gaussian_case((64, 4096, 64), (64,), seed=65, dtype=dtype)
     else:
