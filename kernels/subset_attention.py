@@ -271,17 +271,20 @@ def _scale_pair(scale: float) -> tuple[float, float]:
     return hi, _to_float32(scale - hi)
 
 
-def _blocks(S: int, M: int, Dh: int) -> tuple[int, int, int, int]:
+def _blocks(S: int, M: int, Dh: int, backward: bool = False) -> tuple[int, int, int, int]:
     """BLOCK_M, BLOCK_D, CHUNK_S, num_warps.
 
     M and Dh are padded to powers of two of at least 16 (the smallest ``tl.dot``). A chunk's
     ``[CHUNK_S, BLOCK_M, max(BLOCK_M, BLOCK_D)]`` working set stays within a register budget on
-    the GPU; in the interpreter, where every loop step costs interpreted operations, chunks are
-    large.
+    the GPU, half as large for the backward, which holds three such arrays (P, dP, dO) where the
+    forward holds one: compiled for sm_90, the issue's shape (M = 8, E = 256, 4 heads, 255
+    subsets) spilled 344 bytes a thread in the float32 backward with 8 subsets a chunk, 32 with
+    4 (tests/_compile_sm90.py --report). In the interpreter, where every loop step costs
+    interpreted operations, chunks are large.
     """
     block_m = max(16, triton.next_power_of_2(max(M, 1)))
     block_d = max(16, triton.next_power_of_2(max(Dh, 1)))
-    budget = 1 << 16 if triton_interpreting() else 8192
+    budget = 1 << 16 if triton_interpreting() else (4096 if backward else 8192)
     chunk_s = min(triton.next_power_of_2(max(S, 1)),
                   max(1, budget // (block_m * max(block_m, block_d))), 64)
     warps = 8 if block_m * block_d >= 4096 or chunk_s * block_m * block_d >= 8192 else 4
@@ -365,7 +368,7 @@ def subset_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
         return dq, dk, dv
     if S == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    block_m, block_d, chunk_s, warps = _blocks(S, M, Dh)
+    block_m, block_d, chunk_s, warps = _blocks(S, M, Dh, backward=True)
     slb, sls, slh, _ = _per_subset_strides(lse, mask)
     _attention_backward_kernel[(B, H)](
         grad_out, q, k, v, mask_bytes, lse, dq, dk, dv,
