@@ -287,7 +287,7 @@ def _blocks(S: int, M: int, Dh: int, backward: bool = False) -> tuple[int, int, 
     budget = 1 << 16 if triton_interpreting() else (4096 if backward else 8192)
     chunk_s = min(triton.next_power_of_2(max(S, 1)),
                   max(1, budget // (block_m * max(block_m, block_d))), 64)
-    warps = 8 if block_m * block_d >= 4096 or chunk_s * block_m * block_d >= 8192 else 4
+    warps = 8 if block_m * block_d >= 4096 or chunk_s * block_m * block_d >= budget else 4
     return block_m, block_d, chunk_s, warps
 
 
