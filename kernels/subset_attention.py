@@ -39,8 +39,10 @@ in a fixed order, so it is deterministic without atomics.
 
 Precision: q, k, v and the upstream gradient are upcast to float32 (float64 for float64 inputs)
 on load; scores, softmax, every product and every accumulation are in that dtype. float32 dots
-use ``input_precision="ieee"`` (no TF32 truncation). For float16 / bfloat16 inputs the dots run
-as TF32, which holds their values exactly (10 mantissa bits); only the probabilities and dS,
+use ``input_precision="ieee"`` (no TF32 truncation) unless the user allowed TF32 for float32
+matmuls (``torch.set_float32_matmul_precision``, see :func:`_precision`). For float16 /
+bfloat16 inputs the dots run as TF32, which holds their values exactly (10 mantissa bits);
+only the probabilities and dS,
 as operands of the per-subset products, are truncated to TF32, much as FlashAttention rounds
 them to the input dtype. The final dQ and dK products take the float32 sum of dS in "ieee".
 
@@ -292,9 +294,15 @@ def _blocks(S: int, M: int, Dh: int, backward: bool = False) -> tuple[int, int, 
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """float32 inputs keep float32 accuracy (no TF32 truncation); float16 / bfloat16 values are
-    exact in TF32, so their dots use the tensor cores at no loss on the inputs."""
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    """float32 inputs keep float32 accuracy (no TF32 truncation) unless the user allowed TF32
+    for float32 matrix products (``torch.set_float32_matmul_precision("high")`` or
+    ``"medium"``), as PyTorch's own matmuls do; float16 / bfloat16 values are exact in TF32, so
+    their dots use the tensor cores at no loss on the inputs."""
+    if dtype == torch.float64:
+        return "ieee"
+    if dtype == torch.float32:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "tf32"
 
 
 def subset_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

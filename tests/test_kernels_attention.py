@@ -454,3 +454,39 @@ def test_cuda_float64():
     torch.testing.assert_close(out, expected, rtol=1e-11, atol=1e-11)
     for got, w in zip(grads, torch.autograd.grad(expected, wide, g)):
         torch.testing.assert_close(got, w, rtol=1e-10, atol=1e-10)
+
+
+@pytest.fixture
+def float32_matmul_precision():
+    """Sets torch's float32 matmul precision for one test and restores it afterwards."""
+    before = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(before)
+
+
+def test_float32_dots_follow_torchs_matmul_precision(float32_matmul_precision):
+    """float32 dots keep full precision by default and use TF32 only once the user allows it
+    for float32 matmuls; float64 never truncates, half types always run as TF32."""
+    kernel = kernel_module()
+    float32_matmul_precision("highest")
+    assert kernel._precision(torch.float32) == "ieee"
+    for setting in ("high", "medium"):
+        float32_matmul_precision(setting)
+        assert kernel._precision(torch.float32) == "tf32"
+        assert kernel._precision(torch.float64) == "ieee"
+        assert kernel._precision(torch.bfloat16) == "tf32"
+
+
+@pytest.mark.cuda
+def test_cuda_float32_with_tf32_allowed(float32_matmul_precision):
+    """With TF32 allowed, float32 results hold TF32's accuracy (10 mantissa bits on the dot
+    operands) against the float64 reference."""
+    float32_matmul_precision("high")
+    q, k, v, mask = _gpu_case(257, 8, 256, 255, seed=161, dtype=torch.float32)
+    g = randn(257, 255, 8, 256, seed=165, dtype=torch.float32)
+    out, grads = run_triton(q, k, v, mask, 4, g)
+    wide = [t.to(F64).requires_grad_(True) for t in (q, k, v)]
+    expected, _ = reference_attention(*wide, mask, 4, 1.0 / math.sqrt(64))
+    torch.testing.assert_close(out.to(F64), expected, rtol=5e-3, atol=5e-3)
+    for got, w in zip(grads, torch.autograd.grad(expected, wide, g.to(F64))):
+        torch.testing.assert_close(got.to(F64), w, rtol=1e-2, atol=1e-2 * 255 ** 0.5)

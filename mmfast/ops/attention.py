@@ -74,6 +74,8 @@ def subset_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, num_heads: i
     For each subset, token i in the subset attends to the keys of the tokens in the subset
     (softmax over them, per head); rows of tokens outside the subset are 0, and a subset with
     no tokens gives zeros, never NaN. The scores of a sample are shared by all its subsets.
+    On the triton backend, float32 inputs are multiplied in full float32 precision unless
+    TF32 is allowed for float32 matmuls (``torch.set_float32_matmul_precision("high")``).
 
     Args:
         q, k, v: ``[B, M, E]``, one dtype, E divisible by ``num_heads``.
