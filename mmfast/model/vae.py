@@ -352,7 +352,8 @@ class MultiModalVAE(nn.Module):
             for m, name in enumerate(self.names):
                 if name in safe:
                     w = w + self._log_lik(name, safe[name], [(z, observed[:, m])])[0]
-            lse = torch.logsumexp(w, dim=0)
+            # The chunk's logsumexp_k w_k (the op returns it less log k) through the fused op.
+            lse = ops.importance_logsumexp(w) + math.log(k)
             total = lse if total is None else torch.logaddexp(total, lse)
         return total - math.log(num_samples)
 
