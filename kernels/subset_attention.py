@@ -93,6 +93,36 @@ def _load_head(ptr, row, offs_m, cols, used, valid_d, stride_b, stride_m, stride
 
 
 @triton.jit
+def _matmul_by_columns(a, b, ACC_DTYPE: tl.constexpr):
+    """``a [P, R] @ b [R, N]`` as R rank-one updates in a loop that is not unrolled: a float64
+    product on the GPU. Triton 3.6 (the lent GPU machines' version) cannot lower a float64
+    ``tl.dot`` for sm_90 (ConvertTritonGPUToLLVM), and a broadcast multiply-and-sum makes a
+    ``[P, R, N]`` temporary that kept ptxas busy for minutes (tests/_compile_sm90.py). Column
+    r of a and row r of b are picked out with a masked sum: O(R·(P + N)) extra work a step,
+    affordable on the float64 path, which exists for exactness rather than speed."""
+    cols = tl.arange(0, a.shape[1])
+    acc = tl.zeros((a.shape[0], b.shape[1]), dtype=ACC_DTYPE)
+    for r in range(a.shape[1]):
+        a_col = tl.sum(tl.where(cols[None, :] == r, a, 0.0), axis=1)
+        b_row = tl.sum(tl.where(cols[:, None] == r, b, 0.0), axis=0)
+        acc += a_col[:, None] * b_row[None, :]
+    return acc
+
+
+@triton.jit
+def _matmul(a, b, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, FULL: tl.constexpr = False):
+    """``a [P, R] @ b [R, N]`` accumulated in ACC_DTYPE: ``tl.dot`` with PRECISION ("ieee" or
+    "tf32"; FULL forces "ieee"), or by columns where PRECISION is "columns" (see
+    :func:`_precision`)."""
+    if PRECISION == "columns":
+        return _matmul_by_columns(a, b, ACC_DTYPE)
+    elif FULL:
+        return tl.dot(a, b, input_precision="ieee", out_dtype=ACC_DTYPE)
+    else:
+        return tl.dot(a, b, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+
+
+@triton.jit
 def _scale_value(scale_hi, scale_lo, ACC_DTYPE: tl.constexpr):
     # Float kernel arguments travel as float32; float64 inputs get the scale back to ~48 bits
     # from a float32 pair (hi + lo).
@@ -133,7 +163,7 @@ def _attention_forward_kernel(
     v = _load_head(v_ptr, row, offs_m, cols, used, valid_d, stride_vb, stride_vm, stride_ve,
                    ACC_DTYPE)
     # The scores of the row are shared by all its subsets: computed once.
-    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE) * scale
+    scores = _matmul(q, tl.trans(k), PRECISION, ACC_DTYPE) * scale
 
     for s0 in range(first, last, CHUNK_S):
         offs_s = s0 + chunk
@@ -149,8 +179,7 @@ def _attention_forward_kernel(
         # queries outside the subset get zero rows.
         inv = tl.where(member, 1.0 / tl.where(member, denom, 1.0), 0.0)
         probs = e * inv[:, :, None]
-        out = tl.dot(tl.reshape(probs, (CHUNK_S * BLOCK_M, BLOCK_M)), v,
-                     input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        out = _matmul(tl.reshape(probs, (CHUNK_S * BLOCK_M, BLOCK_M)), v, PRECISION, ACC_DTYPE)
         out = tl.reshape(out, (CHUNK_S, BLOCK_M, BLOCK_D))
 
         s64 = offs_s.to(tl.int64)
@@ -197,7 +226,7 @@ def _attention_backward_kernel(
                    ACC_DTYPE)
     v = _load_head(v_ptr, row, offs_m, cols, used, valid_d, stride_vb, stride_vm, stride_ve,
                    ACC_DTYPE)
-    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE) * scale
+    scores = _matmul(q, tl.trans(k), PRECISION, ACC_DTYPE) * scale
 
     dv = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC_DTYPE)
     ds_sum = tl.zeros((BLOCK_M, BLOCK_M), dtype=ACC_DTYPE)
@@ -220,15 +249,15 @@ def _attention_backward_kernel(
         # dV += Σ_s P^sᵀ dO^s: keys × (subset, query) times (subset, query) × features.
         probs_t = tl.reshape(tl.permute(probs, (2, 0, 1)),
                              (BLOCK_M, CHUNK_S * BLOCK_M))
-        dv += tl.dot(probs_t, grad_flat, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        dprobs = tl.dot(grad_flat, tl.trans(v), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        dv += _matmul(probs_t, grad_flat, PRECISION, ACC_DTYPE)
+        dprobs = _matmul(grad_flat, tl.trans(v), PRECISION, ACC_DTYPE)
         dprobs = tl.reshape(dprobs, (CHUNK_S, BLOCK_M, BLOCK_M))
         row_term = tl.sum(probs * dprobs, axis=2)                                # D^s_i
         ds_sum += tl.sum(probs * (dprobs - row_term[:, :, None]), axis=0)
 
     ds_sum = ds_sum * scale
-    dq = tl.dot(ds_sum, k, input_precision="ieee", out_dtype=ACC_DTYPE)
-    dk = tl.dot(tl.trans(ds_sum), q, input_precision="ieee", out_dtype=ACC_DTYPE)
+    dq = _matmul(ds_sum, k, PRECISION, ACC_DTYPE, True)
+    dk = _matmul(tl.trans(ds_sum), q, PRECISION, ACC_DTYPE, True)
 
     # Gradients are contiguous [B, M, E]; unused tokens get exact zeros.
     tile = row * stride_db + offs_m.to(tl.int64)[:, None] * stride_dm + cols[None, :]
@@ -273,7 +302,8 @@ def _scale_pair(scale: float) -> tuple[float, float]:
     return hi, _to_float32(scale - hi)
 
 
-def _blocks(S: int, M: int, Dh: int, backward: bool = False) -> tuple[int, int, int, int]:
+def _blocks(S: int, M: int, Dh: int, backward: bool = False,
+            columns: bool = False) -> tuple[int, int, int, int]:
     """BLOCK_M, BLOCK_D, CHUNK_S, num_warps.
 
     M and Dh are padded to powers of two of at least 16 (the smallest ``tl.dot``). A chunk's
@@ -282,13 +312,16 @@ def _blocks(S: int, M: int, Dh: int, backward: bool = False) -> tuple[int, int, 
     forward holds one: compiled for sm_90, the issue's shape (M = 8, E = 256, 4 heads, 255
     subsets) spilled 344 bytes a thread in the float32 backward with 8 subsets a chunk, 32 with
     4 (tests/_compile_sm90.py --report). In the interpreter, where every loop step costs
-    interpreted operations, chunks are large.
+    interpreted operations, chunks are large. ``columns`` (float64 compiled, see
+    :func:`_matmul_by_columns`) takes one subset a chunk.
     """
     block_m = max(16, triton.next_power_of_2(max(M, 1)))
     block_d = max(16, triton.next_power_of_2(max(Dh, 1)))
     budget = 1 << 16 if triton_interpreting() else (4096 if backward else 8192)
     chunk_s = min(triton.next_power_of_2(max(S, 1)),
                   max(1, budget // (block_m * max(block_m, block_d))), 64)
+    if columns:
+        chunk_s = 1   # the column loop's extra work grows with the chunk's rows
     warps = 8 if block_m * block_d >= 4096 or chunk_s * block_m * block_d >= budget else 4
     return block_m, block_d, chunk_s, warps
 
@@ -297,9 +330,10 @@ def _precision(dtype: torch.dtype) -> str:
     """float32 inputs keep float32 accuracy (no TF32 truncation) unless the user allowed TF32
     for float32 matrix products (``torch.set_float32_matmul_precision("high")`` or
     ``"medium"``), as PyTorch's own matmuls do; float16 / bfloat16 values are exact in TF32, so
-    their dots use the tensor cores at no loss on the inputs."""
+    their dots use the tensor cores at no loss on the inputs. float64 products are exact:
+    ``tl.dot`` in the interpreter, :func:`_matmul_by_columns` ("columns") when compiled."""
     if dtype == torch.float64:
-        return "ieee"
+        return "ieee" if triton_interpreting() else "columns"
     if dtype == torch.float32:
         return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
     return "tf32"
@@ -328,7 +362,8 @@ def subset_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = torch.empty((*mask.shape[:-1], H, M), dtype=_lse_dtype(q.dtype), device=q.device)
     if B * S * M == 0:
         return out, lse
-    block_m, block_d, chunk_s, warps = _blocks(S, M, Dh)
+    block_m, block_d, chunk_s, warps = _blocks(S, M, Dh,
+                                               columns=_precision(q.dtype) == "columns")
     chunks = triton.cdiv(S, chunk_s)
     # On the GPU, split a row's subsets over programs when rows × heads alone would leave SMs
     # idle (each split recomputes the scores, a small cost next to its chunks).
@@ -376,7 +411,8 @@ def subset_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
         return dq, dk, dv
     if S == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    block_m, block_d, chunk_s, warps = _blocks(S, M, Dh, backward=True)
+    block_m, block_d, chunk_s, warps = _blocks(S, M, Dh, backward=True,
+                                               columns=_precision(q.dtype) == "columns")
     slb, sls, slh, _ = _per_subset_strides(lse, mask)
     _attention_backward_kernel[(B, H)](
         grad_out, q, k, v, mask_bytes, lse, dq, dk, dv,
