@@ -2,6 +2,7 @@
 
     python benchmarks/report.py benchmarks/results/<device>.json              # print
     python benchmarks/report.py benchmarks/results/<device>.json --readme README.md
+    python benchmarks/report.py run1.json run2.json ...                      # several, merged
 
 With ``--readme`` the text between the ``<!-- benchmarks:start -->`` and
 ``<!-- benchmarks:end -->`` markers of the README is replaced (the rest is kept byte for byte).
@@ -83,6 +84,10 @@ class Group:
     def copy_ratio(self) -> float | None:
         return self.info.get("mmfast", {}).get("copy_ratio")
 
+    def device_copy_ratio(self) -> float | None:
+        """mmfast's bandwidth over the copy's, from its kernels' own time (CUDA profiler)."""
+        return self.info.get("mmfast", {}).get("device_copy_ratio")
+
 
 def load_groups(data: dict) -> list[Group]:
     """Benchmarks of a pytest-benchmark JSON, grouped; the provider comes from extra_info."""
@@ -118,6 +123,10 @@ def judge(target: Target, groups: list[Group]) -> tuple[str, str]:
     shown = f"{worst:.2f}x" if target.metric == "speedup" else f"{100 * worst:.0f}%"
     if len(values) > 1:
         shown += f" (worst of {len(values)}: {where})"
+    if target.metric == "copy_ratio":
+        kernels = [g.device_copy_ratio() for g in groups if rx.search(g.name)]
+        if kernels and None not in kernels:
+            shown += f"; kernels alone (CUDA profiler): worst {100 * min(kernels):.0f}%"
     return verdict, shown
 
 
@@ -132,7 +141,8 @@ def group_table(groups: list[Group]) -> list[str]:
     has_mmfast = "mmfast" in providers
     head = ["case"] + [f"{p} (µs)" for p in providers]
     if has_mmfast:
-        head += [f"vs {b}" for b in baselines] + ["mmfast GB/s", "% of copy"]
+        head += [f"vs {b}" for b in baselines] + ["mmfast GB/s", "% of copy",
+                                                  "kernels µs", "kernels % of copy"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         row = [g.name.split(" ", 1)[-1]] + [_fmt_time(g.times[p]) if p in g.times else "—" for p in providers]
@@ -143,6 +153,9 @@ def group_table(groups: list[Group]) -> list[str]:
             info = g.info.get("mmfast", {})
             row.append(f"{info['achieved_gbs']:.0f}" if "achieved_gbs" in info else "—")
             ratio = g.copy_ratio()
+            row.append("—" if ratio is None else f"{100 * ratio:.0f}%")
+            row.append(_fmt_time(info["device_us"] * 1e-6) if "device_us" in info else "—")
+            ratio = g.device_copy_ratio()
             row.append("—" if ratio is None else f"{100 * ratio:.0f}%")
         lines.append("| " + " | ".join(row) + " |")
     return lines
@@ -159,8 +172,10 @@ def render(data: dict, source: str = "") -> str:
     out = [f"Device: {', '.join(devices)}" + (f"; run {when}" if when else "")
            + (f"; measured copy bandwidth {copy[0]:.0f} GB/s" if len(copy) == 1 else "")
            + (f"; source `{source}`" if source else "") + ".",
-           "Times are means over the timed rounds (warm-up excluded); a speed-up is the "
-           "baseline's time over mmfast's.", "",
+           "Times are wall-clock means per call over the timed rounds (warm-up excluded), "
+           "host overhead included; a speed-up is the baseline's time over mmfast's. "
+           "\"kernels\" columns: mmfast's GPU time per call from the CUDA profiler (the sum "
+           "of its kernels' durations, host overhead and idle gaps left out).", "",
            "| issue | target | measured | verdict |", "|---|---|---|---|"]
     for t in TARGETS:
         verdict, shown = judge(t, groups)
@@ -171,6 +186,16 @@ def render(data: dict, source: str = "") -> str:
     for family, members in families.items():
         out += ["", f"**{family}**", ""] + group_table(members)
     return "\n".join(out) + "\n"
+
+
+def merge(runs: list[dict]) -> dict:
+    """One pytest-benchmark document holding the benchmarks of several runs (the earliest
+    run's date is kept)."""
+    if len(runs) == 1:
+        return runs[0]
+    dates = sorted(r.get("datetime", "") for r in runs if r.get("datetime"))
+    return {"datetime": dates[0] if dates else "",
+            "benchmarks": [b for r in runs for b in r.get("benchmarks", [])]}
 
 
 def replace_section(text: str, section: str) -> str:
@@ -184,12 +209,13 @@ def replace_section(text: str, section: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", type=Path, help="pytest-benchmark JSON (make bench)")
+    parser.add_argument("json", type=Path, nargs="+",
+                        help="pytest-benchmark JSON file(s) (make bench), rendered together")
     parser.add_argument("--readme", type=Path, help="update this file's benchmarks section")
     args = parser.parse_args(argv)
     try:
-        data = json.loads(args.json.read_text())
-        section = render(data, source=args.json.as_posix())
+        data = merge([json.loads(p.read_text()) for p in args.json])
+        section = render(data, source=", ".join(p.as_posix() for p in args.json))
         if args.readme is None:
             sys.stdout.write(section)
             return 0
@@ -201,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"report: error: {exc}", file=sys.stderr)
         return 2
-    print(f"updated {args.readme} from {args.json}")
+    print(f"updated {args.readme} from {', '.join(map(str, args.json))}")
     return 0
 
 

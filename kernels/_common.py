@@ -28,6 +28,17 @@ def split_float(value: float) -> tuple[float, float]:
 LOG_2PI_HI, LOG_2PI_LO = split_float(LOG_2PI)
 
 
+def cdiv(x: int, y: int) -> int:
+    """``ceil(x / y)`` for host code. ``triton.cdiv`` and ``triton.next_power_of_2`` are
+    constexpr functions whose wrapper costs microseconds a call, several calls a launch."""
+    return -(-x // y)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` (1 for ``n <= 1``)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def acc_dtype(dtype: torch.dtype):
     """Triton accumulation dtype: float64 for float64 inputs, float32 otherwise."""
     return tl.float64 if dtype == torch.float64 else tl.float32

@@ -43,7 +43,8 @@ import triton
 import triton.language as tl
 
 from mmfast.backend import triton_interpreting
-from mmfast.kernels._common import acc_dtype, element_budget, num_warps, torch_acc_dtype
+from mmfast.kernels._common import (acc_dtype, cdiv, element_budget, next_power_of_2, num_warps,
+                                    torch_acc_dtype)
 from mmfast.kernels._gaussian_common import (_load_tile, _log_2pi_times, _logsumexp_rows,
                                              _mixture_weights)
 
@@ -402,10 +403,10 @@ def _pq_blocks(P: int, Q: int, block_d: int) -> tuple[int, int]:
     allows (Q first); on the GPU at most ~1/1024 of the rows, so that enough programs loop
     over K side by side."""
     budget = element_budget()
-    block_q = min(triton.next_power_of_2(Q), max(1, budget // block_d))
-    block_p = min(triton.next_power_of_2(P), max(1, budget // (block_q * block_d)))
+    block_q = min(next_power_of_2(Q), max(1, budget // block_d))
+    block_p = min(next_power_of_2(P), max(1, budget // (block_q * block_d)))
     if not triton_interpreting():
-        rows = max(1, triton.next_power_of_2(P * Q) // 1024)
+        rows = max(1, next_power_of_2(P * Q) // 1024)
         block_p = min(block_p, max(1, rows // block_q))
         block_q = min(block_q, rows)
     return block_p, block_q
@@ -430,10 +431,10 @@ def gaussian_log_prob_forward(z: torch.Tensor, mu: torch.Tensor,
     if layout is None:
         return gaussian_log_prob_forward(*_expanded(z, mu, logvar))
     P, Q, (lz, lm, lv) = layout
-    block_d = min(triton.next_power_of_2(D), element_budget())
+    block_d = min(next_power_of_2(D), element_budget())
     block_p, block_q = _pq_blocks(P, Q, block_d)
-    blocks_q = triton.cdiv(Q, block_q)
-    _gaussian_forward_kernel[(triton.cdiv(P, block_p) * blocks_q,)](
+    blocks_q = cdiv(Q, block_q)
+    _gaussian_forward_kernel[(cdiv(P, block_p) * blocks_q,)](
         z, mu, logvar, out, K, P, Q, D, blocks_q,
         z.stride(0), lz.stride_p, lz.stride_q, z.stride(-1),
         lm.stride_p, lm.stride_q, mu.stride(-1), lv.stride_p, lv.stride_q, logvar.stride(-1),
@@ -475,9 +476,9 @@ def gaussian_log_prob_backward(grad, z: torch.Tensor, mu: torch.Tensor, logvar: 
         return tuple(g.sum_to_size(t.shape).contiguous() for g, t in zip(grads, (z, mu, logvar)))
     P, Q, (lz, lm, lv, lg) = layout
     budget = element_budget()
-    block_d = min(triton.next_power_of_2(D), budget, 1024 if triton_interpreting() else 128)
+    block_d = min(next_power_of_2(D), budget, 1024 if triton_interpreting() else 128)
     block_p, block_q = _pq_blocks(P, Q, block_d)
-    blocks_p, blocks_q = triton.cdiv(P, block_p), triton.cdiv(Q, block_q)
+    blocks_p, blocks_q = cdiv(P, block_p), cdiv(Q, block_q)
     acc = torch_acc_dtype(z.dtype)
     buffers, flags, parts = [], {}, []
     for name, t, op in (("Z", z, lz), ("M", mu, lm), ("V", logvar, lv)):
@@ -486,7 +487,7 @@ def gaussian_log_prob_backward(grad, z: torch.Tensor, mu: torch.Tensor, logvar: 
         parts.append((blocks_p if red_p else 1) * (blocks_q if red_q else 1))
         buffers.append(_grad_buffer(t, parts[-1], acc))
     dz, dmu, dlv = buffers
-    _gaussian_backward_kernel[(blocks_p * blocks_q, triton.cdiv(D, block_d))](
+    _gaussian_backward_kernel[(blocks_p * blocks_q, cdiv(D, block_d))](
         grad, z, mu, logvar, dz, dmu, dlv, K, P, Q, D, blocks_q,
         grad.stride(0), lg.stride_p, lg.stride_q,
         z.stride(0), lz.stride_p, lz.stride_q, z.stride(-1),
@@ -516,14 +517,14 @@ def _mixture_blocks(R: int, D: int, C: int) -> tuple[int, int, int, int]:
     in as few chunks as the budget allows; the programs (each leaving one ``[C, d]`` partial in
     the backward) are bounded: 64 under the interpreter, 1024 on the GPU."""
     budget = element_budget()
-    block_c = triton.next_power_of_2(C)
-    block_d = min(triton.next_power_of_2(max(D, 1)), max(1, budget // block_c))
-    block_r = min(triton.next_power_of_2(R), max(1, budget // (block_c * block_d)))
+    block_c = next_power_of_2(C)
+    block_d = min(next_power_of_2(max(D, 1)), max(1, budget // block_c))
+    block_r = min(next_power_of_2(R), max(1, budget // (block_c * block_d)))
     if not triton_interpreting():
-        block_r = min(block_r, max(1, triton.next_power_of_2(R) // 1024))
-    blocks = triton.cdiv(R, block_r)
+        block_r = min(block_r, max(1, next_power_of_2(R) // 1024))
+    blocks = cdiv(R, block_r)
     programs = min(blocks, 64 if triton_interpreting() else 1024)
-    return block_r, block_c, block_d, triton.cdiv(blocks, programs) * block_r
+    return block_r, block_c, block_d, cdiv(blocks, programs) * block_r
 
 
 def mixture_log_prob_forward(z: torch.Tensor, logits: torch.Tensor, mu: torch.Tensor,
@@ -542,7 +543,7 @@ def mixture_log_prob_forward(z: torch.Tensor, logits: torch.Tensor, mu: torch.Te
     K, D, C = z.shape[0], z.shape[-1], logits.shape[0]
     R = K * P * Q
     block_r, block_c, block_d, per_program = _mixture_blocks(R, D, C)
-    _mixture_forward_kernel[(triton.cdiv(R, per_program),)](
+    _mixture_forward_kernel[(cdiv(R, per_program),)](
         zc, logits, mu, logvar, out, R, P * Q, Q, D, C, per_program,
         zc.stride(0), lz.stride_p, lz.stride_q, zc.stride(-1), logits.stride(0),
         *mu.stride(), *logvar.stride(),
@@ -566,13 +567,13 @@ def mixture_log_prob_backward(grad, z: torch.Tensor, logits: torch.Tensor, mu: t
     K, D, C = z.shape[0], z.shape[-1], logits.shape[0]
     R = K * P * Q
     block_r, block_c, block_d, per_program = _mixture_blocks(R, D, C)
-    programs = triton.cdiv(R, per_program)
+    programs = cdiv(R, per_program)
     acc = torch_acc_dtype(z.dtype)
     dz = zeros[0]
     part_pl = torch.empty((programs, C), dtype=acc, device=z.device)
     part_pmu = torch.empty((programs, C, D), dtype=acc, device=z.device)
     part_plv = torch.empty((programs, C, D), dtype=acc, device=z.device)
-    _mixture_backward_kernel[(programs, triton.cdiv(D, block_d))](
+    _mixture_backward_kernel[(programs, cdiv(D, block_d))](
         gc, zc, logits, mu, logvar, dz, part_pl, part_pmu, part_plv,
         R, P * Q, Q, D, C, per_program,
         gc.stride(0), lg.stride_p, lg.stride_q, zc.stride(0), lz.stride_p, lz.stride_q,

@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfast.kernels._common import acc_dtype, element_budget, num_warps, torch_acc_dtype
+from mmfast.kernels._common import (acc_dtype, cdiv, element_budget, next_power_of_2, num_warps,
+                                    torch_acc_dtype)
 from mmfast.kernels._gaussian_common import (_load_tile, _log_2pi_times, _logsumexp_rows,
                                              _mixture_weights)
 from mmfast.backend import triton_interpreting
@@ -380,15 +381,15 @@ def _subset_blocks(R: int, D: int, C: int, mixture: bool) -> tuple[int, int, int
     the interpreter takes the largest tiles the budget allows (few programs).
     """
     budget = element_budget()
-    block_d = triton.next_power_of_2(max(D, 1))
-    block_c = triton.next_power_of_2(max(C, 1)) if mixture else 1
-    block_r = min(triton.next_power_of_2(max(R, 1)), max(1, budget // (block_d * block_c)))
+    block_d = next_power_of_2(max(D, 1))
+    block_c = next_power_of_2(max(C, 1)) if mixture else 1
+    block_r = min(next_power_of_2(max(R, 1)), max(1, budget // (block_d * block_c)))
     if not triton_interpreting():
-        block_r = min(block_r, max(1, triton.next_power_of_2(R) // 1024))
-    blocks = triton.cdiv(R, block_r)
+        block_r = min(block_r, max(1, next_power_of_2(R) // 1024))
+    blocks = cdiv(R, block_r)
     # The mixture leaves one [C, D] partial per program: bound the number of programs.
     programs = min(blocks, 64 if triton_interpreting() else 1024) if mixture else blocks
-    return block_r, block_d, block_c, triton.cdiv(blocks, programs) * block_r
+    return block_r, block_d, block_c, cdiv(blocks, programs) * block_r
 
 
 def _rows(mu_s: torch.Tensor, eps_s: torch.Tensor):
@@ -424,7 +425,7 @@ def gaussian_subset_terms_forward(mu_s, logvar_s, eps_s, prior_logits, prior_mu,
     mixture = prior_logits is not None
     pl, pmu, plv, C, spl, spm, spv = _prior_args(prior_logits, prior_mu, prior_logvar, mu)
     block_r, block_d, block_c, per_program = _subset_blocks(R, D, C, mixture)
-    grid = (triton.cdiv(R, per_program),)
+    grid = (cdiv(R, per_program),)
     _subset_forward_kernel[grid](
         mu, lv, eps, pl, pmu, plv, z, log_q, log_p, K, R, D, C, per_program,
         *mu.stride(), *lv.stride(), *eps.stride(), *spl, *spm, *spv,
@@ -467,7 +468,7 @@ def gaussian_subset_terms_backward(grad_z, grad_q, grad_p, mu_s, logvar_s, eps_s
     gp = grad_p.reshape(K, R) if grad_p is not None else None
     pl, pmu, plv, C, spl, spm, spv = _prior_args(prior_logits, prior_mu, prior_logvar, mu)
     block_r, block_d, block_c, per_program = _subset_blocks(R, D, C, mixture)
-    programs = triton.cdiv(R, per_program)
+    programs = cdiv(R, per_program)
     acc = torch_acc_dtype(mu_s.dtype)
     if mixture and gp is not None:
         part_pl = torch.empty((programs, C), dtype=acc, device=mu.device)
@@ -502,9 +503,9 @@ def _subset_view(mu_s: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def _full_blocks(S: int, D: int, B: int) -> tuple[int, int, int]:
     budget = element_budget()
-    block_d = triton.next_power_of_2(max(D, 1))
-    block_s = min(triton.next_power_of_2(max(S, 1)), max(1, budget // block_d))
-    block_b = min(triton.next_power_of_2(max(B, 1)), max(1, budget // (block_s * block_d)))
+    block_d = next_power_of_2(max(D, 1))
+    block_s = min(next_power_of_2(max(S, 1)), max(1, budget // block_d))
+    block_b = min(next_power_of_2(max(B, 1)), max(1, budget // (block_s * block_d)))
     return block_b, block_s, block_d
 
 
@@ -525,7 +526,7 @@ def gaussian_full_terms_forward(mu_f, logvar_f, eps_f, mu_s, logvar_s, stl: bool
     if K * B == 0:
         return z, log_qf, log_qfs
     block_b, block_s, block_d = _full_blocks(S, D, B)
-    grid = (triton.cdiv(B, block_b), max(1, triton.cdiv(S, block_s)))
+    grid = (cdiv(B, block_b), max(1, cdiv(S, block_s)))
     _full_forward_kernel[grid](
         mu_f, logvar_f, eps_f, mus, lvs, z, log_qf, log_qfs, K, B, S, D,
         *mu_f.stride(), *logvar_f.stride(), *eps_f.stride(), *mus.stride(), *lvs.stride(),
@@ -553,7 +554,7 @@ def gaussian_full_terms_backward(grad_z, grad_qf, grad_qfs, mu_f, logvar_f, eps_
     lvs, _ = _subset_view(logvar_s)
     gqfs = grad_qfs.reshape(K, B, S) if grad_qfs is not None else None
     block_b, block_s, block_d = _full_blocks(S, D, B)
-    _full_backward_kernel[(triton.cdiv(B, block_b),)](
+    _full_backward_kernel[(cdiv(B, block_b),)](
         grad_z if grad_z is not None else eps_f, grad_qf if grad_qf is not None else eps_f,
         gqfs if gqfs is not None else eps_f, mu_f, logvar_f, eps_f, mus, lvs,
         dmuf, dlvf, deps, dmus, dlvs, K, B, S, D,

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfast.kernels._common import (acc_dtype, element_budget, num_warps, split_float,
-                                    torch_acc_dtype)
+from mmfast.kernels._common import (acc_dtype, cdiv, element_budget, next_power_of_2, num_warps,
+                                    split_float, torch_acc_dtype)
 
 
 @triton.jit
@@ -75,8 +75,8 @@ def _backward_kernel(g_ptr, w_ptr, dw_ptr, K, N, stride_g, stride_k, stride_n,
 
 def _blocks(K: int, N: int) -> tuple[int, int]:
     budget = element_budget()
-    block_n = min(triton.next_power_of_2(max(N, 1)), 256)
-    block_k = min(triton.next_power_of_2(K), max(1, budget // block_n))
+    block_n = min(next_power_of_2(max(N, 1)), 256)
+    block_k = min(next_power_of_2(K), max(1, budget // block_n))
     return block_k, block_n
 
 
@@ -91,7 +91,7 @@ def importance_logsumexp_forward(w: torch.Tensor) -> torch.Tensor:
     N = flat.shape[1]
     block_k, block_n = _blocks(K, N)
     hi, lo = split_float(math.log(K))
-    _forward_kernel[(triton.cdiv(N, block_n),)](
+    _forward_kernel[(cdiv(N, block_n),)](
         flat, out, K, N, hi, lo, *flat.stride(), ACC=acc_dtype(w.dtype),
         BLOCK_K=block_k, BLOCK_N=block_n, num_warps=num_warps(block_k * block_n))
     return out
@@ -109,7 +109,7 @@ def importance_logsumexp_backward(grad: torch.Tensor | None,
     N = flat.shape[1]
     g = grad.reshape(-1)
     block_k, block_n = _blocks(K, N)
-    _backward_kernel[(triton.cdiv(N, block_n),)](
+    _backward_kernel[(cdiv(N, block_n),)](
         g, flat, dw, K, N, g.stride(0), *flat.stride(), ACC=acc_dtype(w.dtype),
         BLOCK_K=block_k, BLOCK_N=block_n, num_warps=num_warps(block_k * block_n))
     return (dw,)

@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 
 from mmfast.backend import triton_interpreting
-from mmfast.kernels._common import (LOG_2PI_HI, LOG_2PI_LO, acc_dtype, element_budget, num_warps,
-                                    split_float, torch_acc_dtype)
+from mmfast.kernels._common import (LOG_2PI_HI, LOG_2PI_LO, acc_dtype, cdiv, element_budget,
+                                    next_power_of_2, num_warps, split_float, torch_acc_dtype)
 
 BERNOULLI, NORMAL, LAPLACE = 0, 1, 2
 _LOG_2PI_HI = tl.constexpr(LOG_2PI_HI)
@@ -267,7 +267,7 @@ def _scale_view(log_scale: torch.Tensor | None, params: torch.Tensor):
 
 def _forward_blocks(N: int) -> tuple[int, int]:
     budget = element_budget()
-    block_n = min(triton.next_power_of_2(max(N, 1)), budget, 2048)
+    block_n = min(next_power_of_2(max(N, 1)), budget, 2048)
     return max(1, budget // block_n), block_n
 
 
@@ -284,9 +284,9 @@ def _elementwise_forward(family: int, params: torch.Tensor, log_scale: torch.Ten
     xs = _flat(x, 1)
     s, s_strides = _scale_view(log_scale, params)
     block_r, block_n = _forward_blocks(N)
-    block_r = min(block_r, triton.next_power_of_2(K * B))
+    block_r = min(block_r, next_power_of_2(K * B))
     hi, lo = split_float(min_scale)
-    grid = (triton.cdiv(K * B, block_r),)
+    grid = (cdiv(K * B, block_r),)
     _elementwise_forward_kernel[grid](
         p, s, xs, out, K * B, B, N, hi, lo,
         *p.stride(), *s_strides, *xs.stride(),
@@ -309,12 +309,12 @@ def _elementwise_backward(family: int, grad: torch.Tensor | None, params: torch.
     xs = _flat(x, 1)
     s, s_strides = _scale_view(log_scale, params)
     budget = element_budget()
-    block_n = min(triton.next_power_of_2(N), budget, 1024 if triton_interpreting() else 512)
-    block_b = min(triton.next_power_of_2(B), max(1, budget // block_n))
+    block_n = min(next_power_of_2(N), budget, 1024 if triton_interpreting() else 512)
+    block_b = min(next_power_of_2(B), max(1, budget // block_n))
     if not triton_interpreting():
         # Each program loops over K: keep ~2048 of them in flight rather than a few big tiles.
-        block_b = min(block_b, max(1, triton.next_power_of_2(B * triton.cdiv(N, block_n)) // 2048))
-    grid = (triton.cdiv(B, block_b), triton.cdiv(N, block_n))
+        block_b = min(block_b, max(1, next_power_of_2(B * cdiv(N, block_n)) // 2048))
+    grid = (cdiv(B, block_b), cdiv(N, block_n))
     per_k, per_b = s.shape[0] == K, s.shape[1] == B
     if log_scale is None:
         ds = dp  # never written
@@ -373,8 +373,8 @@ def laplace_log_prob_backward(grad, loc, log_scale, x, min_scale):
 
 def _categorical_blocks(E: int, C: int) -> tuple[int, int]:
     budget = element_budget()
-    block_c = min(triton.next_power_of_2(C), 1024, budget)
-    block_e = min(triton.next_power_of_2(max(E, 1)), max(1, budget // block_c))
+    block_c = min(next_power_of_2(C), 1024, budget)
+    block_e = min(next_power_of_2(max(E, 1)), max(1, budget // block_c))
     return block_e, block_c
 
 
@@ -409,7 +409,7 @@ def categorical_log_prob_backward(grad: torch.Tensor | None, logits: torch.Tenso
         return (dl.zero_(),)
     t = target.reshape(B, -1)
     block_e, block_c = _categorical_blocks(E, C)
-    grid = (K * B, triton.cdiv(E, block_e))
+    grid = (K * B, cdiv(E, block_e))
     _categorical_backward_kernel[grid](
         grad, l, t, dl, B, E, C, *grad.stride(), *l.stride(), *t.stride(),
         ACC=acc_dtype(logits.dtype), BLOCK_E=block_e, BLOCK_C=block_c,

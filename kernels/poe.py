@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from mmfast.backend import triton_interpreting
+from mmfast.kernels._common import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -264,10 +265,10 @@ def _blocks(S: int, M: int, D: int) -> tuple[int, int, int, int]:
     """BLOCK_M, BLOCK_D, CHUNK_S, num_warps: the [CHUNK_S, BLOCK_M, BLOCK_D] working set stays
     within a register budget on the GPU; the interpreter takes big tiles (few programs)."""
     budget = 1 << 16 if triton_interpreting() else 4096
-    block_m = triton.next_power_of_2(max(M, 1))
-    block_d = min(triton.next_power_of_2(D), 4096 if triton_interpreting() else 128,
+    block_m = next_power_of_2(max(M, 1))
+    block_d = min(next_power_of_2(D), 4096 if triton_interpreting() else 128,
                   max(16, budget // block_m))
-    chunk_s = min(triton.next_power_of_2(max(S, 1)), max(1, budget // (block_m * block_d)))
+    chunk_s = min(next_power_of_2(max(S, 1)), max(1, budget // (block_m * block_d)))
     warps = 8 if block_m * block_d >= 2048 else 4
     return block_m, block_d, chunk_s, warps
 
@@ -310,12 +311,12 @@ def gaussian_poe_forward(mu: torch.Tensor, logvar: torch.Tensor, mask: torch.Ten
     if out_mu.numel() == 0:
         return out_mu, out_lv
     block_m, block_d, chunk_s, warps = _blocks(S, M, D)
-    chunks = triton.cdiv(S, chunk_s)
-    programs = B * triton.cdiv(D, block_d)
+    chunks = cdiv(S, chunk_s)
+    programs = B * cdiv(D, block_d)
     # On the GPU, split a row's subsets over programs when rows alone would leave SMs idle.
-    splits = 1 if triton_interpreting() else max(1, min(chunks, triton.cdiv(4096, programs)))
-    per_program = triton.cdiv(chunks, splits) * chunk_s
-    grid = (B, triton.cdiv(D, block_d), triton.cdiv(S, per_program))
+    splits = 1 if triton_interpreting() else max(1, min(chunks, cdiv(4096, programs)))
+    per_program = cdiv(chunks, splits) * chunk_s
+    grid = (B, cdiv(D, block_d), cdiv(S, per_program))
     pmu, plv, (spb, spd), (sqb, sqd) = _prior_strides(prior_mu, prior_logvar, mu)
     _, sos, _ = _per_subset_strides(out_mu, mask)
     _poe_forward_kernel[grid](
@@ -352,14 +353,14 @@ def gaussian_poe_backward(grad_mu: torch.Tensor, grad_logvar: torch.Tensor, mu: 
         return (mu.new_empty((B, M, D)), mu.new_empty((B, M, D)),
                 mu.new_empty((B, D) if has_prior else 0), mu.new_empty((B, D) if has_prior else 0))
     block_m, block_d, chunk_s, warps = _blocks(S, M, D)
-    d_blocks = triton.cdiv(D, block_d)
-    chunks = triton.cdiv(S, chunk_s)
+    d_blocks = cdiv(D, block_d)
+    chunks = cdiv(S, chunk_s)
     # On the GPU, few rows would leave most SMs idle with one program per row: split the
     # subsets over a few programs that write fp32 partial sums, then add the parts in order.
     splits = 1 if triton_interpreting() else max(
-        1, min(chunks, _MAX_BACKWARD_SPLITS, triton.cdiv(1024, max(1, B * d_blocks))))
-    per_program = max(1, triton.cdiv(chunks, splits)) * chunk_s
-    splits = max(1, triton.cdiv(S, per_program))
+        1, min(chunks, _MAX_BACKWARD_SPLITS, cdiv(1024, max(1, B * d_blocks))))
+    per_program = max(1, cdiv(chunks, splits)) * chunk_s
+    splits = max(1, cdiv(S, per_program))
     work = mu.dtype if splits == 1 else torch.promote_types(mu.dtype, torch.float32)
     dmu = torch.empty((splits, B, M, D), dtype=work, device=mu.device)
     dlv = torch.empty((splits, B, M, D), dtype=work, device=mu.device)

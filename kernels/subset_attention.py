@@ -58,6 +58,7 @@ import triton
 import triton.language as tl
 
 from mmfast.backend import triton_interpreting
+from mmfast.kernels._common import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -315,10 +316,10 @@ def _blocks(S: int, M: int, Dh: int, backward: bool = False,
     interpreted operations, chunks are large. ``columns`` (float64 compiled, see
     :func:`_matmul_by_columns`) takes one subset a chunk.
     """
-    block_m = max(16, triton.next_power_of_2(max(M, 1)))
-    block_d = max(16, triton.next_power_of_2(max(Dh, 1)))
+    block_m = max(16, next_power_of_2(max(M, 1)))
+    block_d = max(16, next_power_of_2(max(Dh, 1)))
     budget = 1 << 16 if triton_interpreting() else (4096 if backward else 8192)
-    chunk_s = min(triton.next_power_of_2(max(S, 1)),
+    chunk_s = min(next_power_of_2(max(S, 1)),
                   max(1, budget // (block_m * max(block_m, block_d))), 64)
     if columns:
         chunk_s = 1   # the column loop's extra work grows with the chunk's rows
@@ -364,12 +365,12 @@ def subset_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out, lse
     block_m, block_d, chunk_s, warps = _blocks(S, M, Dh,
                                                columns=_precision(q.dtype) == "columns")
-    chunks = triton.cdiv(S, chunk_s)
+    chunks = cdiv(S, chunk_s)
     # On the GPU, split a row's subsets over programs when rows × heads alone would leave SMs
     # idle (each split recomputes the scores, a small cost next to its chunks).
-    splits = 1 if triton_interpreting() else max(1, min(chunks, triton.cdiv(2048, B * H)))
-    per_program = triton.cdiv(chunks, splits) * chunk_s
-    grid = (B, H, triton.cdiv(S, per_program))
+    splits = 1 if triton_interpreting() else max(1, min(chunks, cdiv(2048, B * H)))
+    per_program = cdiv(chunks, splits) * chunk_s
+    grid = (B, H, cdiv(S, per_program))
     sob, sos, som, _ = _per_subset_strides(out, mask)
     slb, sls, slh, _ = _per_subset_strides(lse, mask)
     _attention_forward_kernel[grid](

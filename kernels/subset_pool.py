@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from mmfast.backend import triton_interpreting
+from mmfast.kernels._common import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -131,21 +132,21 @@ def _forward_blocks(S: int, M: int, D: int) -> tuple[int, int, int, int]:
     """BLOCK_M, BLOCK_D, CHUNK_S, num_warps: the x tile ``[BLOCK_M, BLOCK_D]`` a program
     holds, and the ``[CHUNK_S, BLOCK_M, BLOCK_D]`` selection of a chunk within the budget."""
     budget = _tile_budget()
-    block_m = triton.next_power_of_2(max(M, 1))
-    block_d = min(triton.next_power_of_2(D), 4096 if triton_interpreting() else 256,
+    block_m = next_power_of_2(max(M, 1))
+    block_d = min(next_power_of_2(D), 4096 if triton_interpreting() else 256,
                   max(16, budget // block_m))
-    chunk_s = min(triton.next_power_of_2(max(S, 1)), max(1, budget // (block_m * block_d)))
+    chunk_s = min(next_power_of_2(max(S, 1)), max(1, budget // (block_m * block_d)))
     warps = 8 if block_m * block_d >= 4096 else 4
     return block_m, block_d, chunk_s, warps
 
 
 def _backward_blocks(S: int, M: int, D: int) -> tuple[int, int, int, int]:
     budget = _tile_budget()
-    block_m = min(triton.next_power_of_2(M), 64)
-    block_d = min(triton.next_power_of_2(D), 4096 if triton_interpreting() else 512,
+    block_m = min(next_power_of_2(M), 64)
+    block_d = min(next_power_of_2(D), 4096 if triton_interpreting() else 512,
                   max(16, budget // block_m))
     # The [CHUNK_S, BLOCK_M, BLOCK_D] product of a chunk stays within twice the tile budget.
-    chunk_s = min(triton.next_power_of_2(S), max(1, 2 * budget // (block_m * block_d)), 64)
+    chunk_s = min(next_power_of_2(S), max(1, 2 * budget // (block_m * block_d)), 64)
     warps = 8 if block_m * block_d >= 4096 else 4
     return block_m, block_d, chunk_s, warps
 
@@ -167,12 +168,12 @@ def launch_pool(x: torch.Tensor, mask: torch.Tensor,
     if out.numel() == 0:
         return out
     block_m, block_d, chunk_s, warps = _forward_blocks(S, M, D)
-    d_blocks = triton.cdiv(D, block_d)
-    chunks = triton.cdiv(S, chunk_s)
+    d_blocks = cdiv(D, block_d)
+    chunks = cdiv(S, chunk_s)
     # On the GPU, split a row's subsets over programs when rows alone would leave SMs idle.
-    splits = 1 if triton_interpreting() else max(1, min(chunks, triton.cdiv(4096, B * d_blocks)))
-    per_program = triton.cdiv(chunks, splits) * chunk_s
-    splits = triton.cdiv(S, per_program)
+    splits = 1 if triton_interpreting() else max(1, min(chunks, cdiv(4096, B * d_blocks)))
+    per_program = cdiv(chunks, splits) * chunk_s
+    splits = cdiv(S, per_program)
     has_bias = bias is not None
     _pool_forward_kernel[(B * splits, d_blocks)](
         x, mask_bytes, bias.contiguous() if has_bias else x, out,
@@ -210,7 +211,7 @@ def launch_pool_transpose(grad_out: torch.Tensor, mask: torch.Tensor, num_modali
     else:
         sgb, sgs, sgd = grad_out.stride()
     block_m, block_d, chunk_s, warps = _backward_blocks(S, M, D)
-    grid = (B, triton.cdiv(M, block_m), triton.cdiv(D, block_d))
+    grid = (B, cdiv(M, block_m), cdiv(D, block_d))
     _pool_backward_kernel[grid](
         grad_out, mask_bytes, out,
         S, M, D,

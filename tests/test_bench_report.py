@@ -26,7 +26,8 @@ def bench(group, provider, mean, **info):
 def data():
     return {"datetime": "2026-11-24T12:00:00", "benchmarks": [
         bench(POOL, "eager", 8e-3), bench(POOL, "compile", 3e-3),
-        bench(POOL, "mmfast", 2e-3, achieved_gbs=2100.0, copy_ratio=0.7),
+        bench(POOL, "mmfast", 2e-3, achieved_gbs=2100.0, copy_ratio=0.7, device_us=1750.0,
+              device_copy_ratio=0.8),
         # attention per-sample: faster than the best baseline at B=256, slower at B=4096
         bench(ATTN.format(B=256), "eager", 4e-4), bench(ATTN.format(B=256), "sdpa", 1e-4),
         bench(ATTN.format(B=256), "mmfast", 5e-5),
@@ -64,8 +65,36 @@ def test_render_lists_targets_and_tables():
     assert "Device: NVIDIA H100; run 2026-11-24 12:00:00; measured copy bandwidth 3000 GB/s" in text
     assert "| #4 | subset_sum_pool fwd+bwd, 255-subset bank, D=512: ≥3x eager | 4.00x | met |" in text
     row = next(line for line in text.splitlines() if line.startswith("| all-subsets B=4096"))
-    # eager 8 ms, compile 3 ms, mmfast 2 ms: 4x and 1.5x, 2100 GB/s, 70 % of copy
-    assert row.split(" | ")[1:] == ["8,000", "3,000", "2,000", "4.00x", "1.50x", "2100", "70% |"]
+    # eager 8 ms, compile 3 ms, mmfast 2 ms: 4x and 1.5x, 2100 GB/s, 70 % of copy; the
+    # kernels alone 1.75 ms, 80 % of copy
+    assert row.split(" | ")[1:] == ["8,000", "3,000", "2,000", "4.00x", "1.50x", "2100", "70%",
+                                    "1,750", "80% |"]
+
+
+def test_copy_ratio_targets_show_the_kernels_figure_beside_the_wall_clock():
+    pool = report.Target(4, "t", r"^subset_sum_pool ", "copy_ratio", 0.75)
+    assert report.judge(pool, report.load_groups(data())) == (
+        "not met", "70%; kernels alone (CUDA profiler): worst 80%")
+
+
+def test_several_runs_are_merged(tmp_path):
+    first, second = data(), data()
+    first["benchmarks"] = first["benchmarks"][:3]            # the pool group
+    second["benchmarks"] = second["benchmarks"][3:]          # the attention groups
+    second["datetime"] = "2026-11-25T08:00:00"
+    paths = []
+    for i, run in enumerate((first, second)):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps(run))
+    merged = report.merge([first, second])
+    assert merged["datetime"] == "2026-11-24T12:00:00"
+    assert report.render(merged) == report.render(data())
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.START}\n{report.END}\n")
+    assert report.main([*map(str, paths), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert report.render(data()).split("\n", 1)[1] in text       # all but the source line
+    assert f"source `{paths[0]}, {paths[1]}`" in text
 
 
 def test_readme_section_replaced_and_the_rest_kept(tmp_path):
