@@ -13,6 +13,61 @@ from typing import Callable, Sequence
 
 import torch
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+# "mmfast::<op>" -> the callable eager_fast_path made for it (for the tests).
+EAGER_PATHS: dict[str, Callable] = {}
+
+
+def _plain_eager(args: Sequence) -> bool:
+    """True when a call may skip the custom-op dispatcher: eager mode, plain tensors on a real
+    device, and nothing that must see the op itself (torch.compile, dispatch modes such as fake
+    tensors, opcheck and FlopCounterMode, functorch transforms, torch-function modes)."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._are_functorch_transforms_active()
+            or torch._C._is_torch_function_mode_enabled()):
+        return False
+    return all(type(a) in _PLAIN_TENSORS and a.device.type != "meta"
+               for a in args if isinstance(a, torch.Tensor))
+
+
+def eager_fast_path(op: Callable, impl: Callable, setup_context: Callable | None = None,
+                    backward: Callable | None = None) -> Callable:
+    """``op`` (a custom op made from ``impl``), or in plain eager mode ``impl`` itself.
+
+    The custom-op dispatcher costs tens of microseconds a call on the host, more than the
+    kernels take at many of mmfast's shapes. In plain eager mode (:func:`_plain_eager`) the
+    returned callable runs ``impl`` directly, through a ``torch.autograd.Function`` made of the
+    same ``setup_context`` and ``backward`` that are registered as the op's autograd, so both
+    paths compute the same values and gradients; everywhere else it calls ``op``. Without
+    ``backward`` (the backward ops) ``impl`` is called as is.
+    """
+    if backward is None:
+        def call_plain(*args):
+            return impl(*args) if _plain_eager(args) else op(*args)
+        EAGER_PATHS[op._qualname] = call_plain
+        return call_plain
+
+    # The ctx-first form: ``apply`` of a Function with a separate setup_context binds its
+    # arguments through ``inspect.signature`` on every call, which costs more than it saves.
+    def forward(ctx, *args):
+        output = impl(*args)   # like the custom op's autograd, absent cotangents become zeros
+        setup_context(ctx, args, output)
+        return output
+
+    def grads(ctx, *grad_outputs):
+        result = backward(ctx, *grad_outputs)
+        return result if isinstance(result, tuple) else (result,)
+
+    name = getattr(impl, "__name__", "op").strip("_") or "op"
+    function = type(f"{name}_eager", (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(grads)})
+
+    def call(*args):
+        return function.apply(*args) if _plain_eager(args) else op(*args)
+    EAGER_PATHS[op._qualname] = call
+    return call
+
 
 _FUNCTORCH_KEYS = tuple(getattr(torch._C.DispatchKey, k) for k in (
     "FuncTorchDynamicLayerBackMode", "FuncTorchDynamicLayerFrontMode", "FuncTorchGradWrapper",
@@ -94,7 +149,7 @@ def define_op(name: str, *, args: str, differentiable: Sequence[int], reference:
         outputs: number of tensor outputs; the backward op takes one optional cotangent each
             (``grad_0, grad_1, ...``; None where an output received no gradient).
     Returns:
-        the forward custom op, with autograd registered.
+        the forward op with autograd registered, behind :func:`eager_fast_path`.
     """
     from mmfast.backend import select_kernel
 
@@ -102,8 +157,7 @@ def define_op(name: str, *, args: str, differentiable: Sequence[int], reference:
     fwd_op = torch.library.custom_op(f"mmfast::{name}", mutates_args=(),
                                      schema=f"({args}) -> {out_schema}")
 
-    @fwd_op
-    def forward(*inputs):
+    def forward_impl(*inputs):
         kernel = select_kernel(name, kernel_module, inputs[0].device)
         if kernel is not None:
             return getattr(kernel, f"{name}_forward")(*inputs)
@@ -113,6 +167,7 @@ def define_op(name: str, *, args: str, differentiable: Sequence[int], reference:
             return fresh(result.contiguous(), *tensors)
         return tuple(fresh(r.contiguous(), *tensors) for r in result)
 
+    forward = fwd_op(forward_impl)
     forward.register_fake(fake_out)
 
     # Custom ops cannot return None: the gradient of an absent optional input travels as an
@@ -123,8 +178,7 @@ def define_op(name: str, *, args: str, differentiable: Sequence[int], reference:
     bwd_op = torch.library.custom_op(f"mmfast::{name}_backward", mutates_args=(),
                                      schema=f"({cotangents}, {args}) -> {outs}")
 
-    @bwd_op
-    def backward(*grads_and_inputs):
+    def backward_impl(*grads_and_inputs):
         grads, inputs = grads_and_inputs[:outputs], grads_and_inputs[outputs:]
         kernel = select_kernel(name, kernel_module, inputs[0].device)
         if kernel is not None:
@@ -142,7 +196,10 @@ def define_op(name: str, *, args: str, differentiable: Sequence[int], reference:
                        for g in reference_vjp(f, primals, grads))
         return result[0] if single else result
 
-    @backward.register_fake
+    backward_op = bwd_op(backward_impl)
+    backward = eager_fast_path(backward_op, backward_impl)
+
+    @backward_op.register_fake
     def _(*grads_and_inputs):
         inputs = grads_and_inputs[outputs:]
         result = tuple(absent(inputs[0]) if inputs[i] is None else inputs[i].new_empty(inputs[i].shape)
@@ -163,4 +220,5 @@ def define_op(name: str, *, args: str, differentiable: Sequence[int], reference:
         return tuple(result)
 
     forward.register_autograd(autograd, setup_context=setup_context)
-    return forward
+    forward_impl.__name__ = name
+    return eager_fast_path(forward, forward_impl, setup_context, autograd)

@@ -9,7 +9,7 @@ from torch import Tensor
 from mmfast.backend import select_kernel
 from mmfast.ops import _validate as V
 from mmfast.ops import reference as ref
-from mmfast.ops._custom import reference_vjp
+from mmfast.ops._custom import eager_fast_path, reference_vjp
 
 _KERNEL = "subset_attention"
 
@@ -18,14 +18,16 @@ def _lse_shape(q: Tensor, mask: Tensor, num_heads: int) -> tuple[int, ...]:
     return (*mask.shape[:-1], num_heads, q.shape[1])
 
 
-@torch.library.custom_op("mmfast::subset_attention", mutates_args=())
-def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, num_heads: int,
-             scale: float) -> tuple[Tensor, Tensor]:
+def _forward_impl(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, num_heads: int,
+                  scale: float) -> tuple[Tensor, Tensor]:
     kernel = select_kernel("subset_attention", _KERNEL, q.device)
     if kernel is not None:
         return kernel.subset_attention_forward(q, k, v, mask, num_heads, scale)
     out, lse = ref.subset_attention(q, k, v, mask, num_heads, scale)
     return out.contiguous(), lse.contiguous()
+
+
+_forward = torch.library.custom_op("mmfast::subset_attention", mutates_args=())(_forward_impl)
 
 
 @_forward.register_fake
@@ -35,15 +37,18 @@ def _(q, k, v, mask, num_heads, scale):
     return out, q.new_empty(_lse_shape(q, mask, num_heads), dtype=acc)
 
 
-@torch.library.custom_op("mmfast::subset_attention_backward", mutates_args=())
-def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, out: Tensor,
-              lse: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, out: Tensor,
+                   lse: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     kernel = select_kernel("subset_attention", _KERNEL, q.device)
     if kernel is not None:
         return kernel.subset_attention_backward(grad_out, q, k, v, mask, out, lse, num_heads, scale)
     grads = reference_vjp(lambda *a: ref.subset_attention(*a)[0], (q, k, v), (grad_out,),
                           mask, num_heads, scale)
     return tuple(grads)
+
+
+_backward = torch.library.custom_op("mmfast::subset_attention_backward",
+                                    mutates_args=())(_backward_impl)
 
 
 @_backward.register_fake
@@ -60,11 +65,13 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd(ctx, grad_out, grad_lse):
     q, k, v, mask, out, lse = ctx.saved_tensors
-    dq, dk, dv = _backward(grad_out, q, k, v, mask, out, lse, ctx.num_heads, ctx.scale)
+    dq, dk, dv = _backward_call(grad_out, q, k, v, mask, out, lse, ctx.num_heads, ctx.scale)
     return dq, dk, dv, None, None, None
 
 
 _forward.register_autograd(_autograd, setup_context=_setup_context)
+_forward_call = eager_fast_path(_forward, _forward_impl, _setup_context, _autograd)
+_backward_call = eager_fast_path(_backward, _backward_impl)
 
 
 def subset_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, num_heads: int,
@@ -100,4 +107,4 @@ def subset_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, num_heads: i
     V.same_device(op, q=q, k=k, v=v, mask=mask)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[2] // num_heads)
-    return _forward(q, k, v, mask, num_heads, float(scale))[0]
+    return _forward_call(q, k, v, mask, num_heads, float(scale))[0]

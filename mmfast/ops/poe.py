@@ -9,19 +9,21 @@ from torch import Tensor
 from mmfast.backend import select_kernel
 from mmfast.ops import _validate as V
 from mmfast.ops import reference as ref
-from mmfast.ops._custom import absent, reference_vjp
+from mmfast.ops._custom import absent, eager_fast_path, reference_vjp
 
 _KERNEL = "poe"
 
 
-@torch.library.custom_op("mmfast::gaussian_poe", mutates_args=())
-def _forward(mu: Tensor, logvar: Tensor, mask: Tensor, prior_mu: Optional[Tensor],
-             prior_logvar: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def _forward_impl(mu: Tensor, logvar: Tensor, mask: Tensor, prior_mu: Optional[Tensor],
+                  prior_logvar: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     kernel = select_kernel("gaussian_poe", _KERNEL, mu.device)
     if kernel is not None:
         return kernel.gaussian_poe_forward(mu, logvar, mask, prior_mu, prior_logvar)
     out_mu, out_logvar = ref.gaussian_poe(mu, logvar, mask, prior_mu, prior_logvar)
     return out_mu.contiguous(), out_logvar.contiguous()
+
+
+_forward = torch.library.custom_op("mmfast::gaussian_poe", mutates_args=())(_forward_impl)
 
 
 @_forward.register_fake
@@ -30,10 +32,9 @@ def _(mu, logvar, mask, prior_mu, prior_logvar):
     return mu.new_empty(shape), mu.new_empty(shape)
 
 
-@torch.library.custom_op("mmfast::gaussian_poe_backward", mutates_args=())
-def _backward(grad_mu: Tensor, grad_logvar: Tensor, mu: Tensor, logvar: Tensor, mask: Tensor,
-              prior_mu: Optional[Tensor], prior_logvar: Optional[Tensor], out_mu: Tensor,
-              out_logvar: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _backward_impl(grad_mu: Tensor, grad_logvar: Tensor, mu: Tensor, logvar: Tensor,
+                   mask: Tensor, prior_mu: Optional[Tensor], prior_logvar: Optional[Tensor],
+                   out_mu: Tensor, out_logvar: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients for (mu, logvar, prior_mu, prior_logvar); an absent prior's are empty."""
     kernel = select_kernel("gaussian_poe", _KERNEL, mu.device)
     if kernel is not None:
@@ -45,6 +46,10 @@ def _backward(grad_mu: Tensor, grad_logvar: Tensor, mu: Tensor, logvar: Tensor, 
 
     g = reference_vjp(f, (mu, logvar, prior_mu, prior_logvar), (grad_mu, grad_logvar))
     return tuple(absent(mu) if t is None else t for t in g)
+
+
+_backward = torch.library.custom_op("mmfast::gaussian_poe_backward",
+                                    mutates_args=())(_backward_impl)
 
 
 @_backward.register_fake
@@ -60,13 +65,15 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd(ctx, grad_mu, grad_logvar):
     mu, logvar, mask, prior_mu, prior_logvar, out_mu, out_logvar = ctx.saved_tensors
-    g = _backward(grad_mu, grad_logvar, mu, logvar, mask, prior_mu, prior_logvar,
+    g = _backward_call(grad_mu, grad_logvar, mu, logvar, mask, prior_mu, prior_logvar,
                   out_mu, out_logvar)
     no_prior = prior_mu is None
     return g[0], g[1], None, None if no_prior else g[2], None if no_prior else g[3]
 
 
 _forward.register_autograd(_autograd, setup_context=_setup_context)
+_forward_call = eager_fast_path(_forward, _forward_impl, _setup_context, _autograd)
+_backward_call = eager_fast_path(_backward, _backward_impl)
 
 
 def _prior_pair(op: str, prior, mu: Tensor) -> tuple[Tensor | None, Tensor | None]:
@@ -111,4 +118,4 @@ def gaussian_poe(mu: Tensor, logvar: Tensor, mask: Tensor, prior=True) -> tuple[
     V.mask(op, "mask", mask, mu.shape[0], mu.shape[1])
     prior_mu, prior_logvar = _prior_pair(op, prior, mu)
     V.same_device(op, mu=mu, logvar=logvar, mask=mask, prior_mu=prior_mu, prior_logvar=prior_logvar)
-    return _forward(mu, logvar, mask, prior_mu, prior_logvar)
+    return _forward_call(mu, logvar, mask, prior_mu, prior_logvar)

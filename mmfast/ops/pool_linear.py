@@ -17,7 +17,7 @@ from torch import Tensor
 from mmfast.backend import select_kernel
 from mmfast.ops import _validate as V
 from mmfast.ops import reference as ref
-from mmfast.ops._custom import absent, fresh, reference_vjp
+from mmfast.ops._custom import absent, eager_fast_path, fresh, reference_vjp
 from mmfast.ops.reference._common import acc_dtype, in_any_subset
 
 # The pooling kernel serves this op: the linear map itself is a plain matmul (cuBLAS).
@@ -44,8 +44,7 @@ def _members_only(g: Tensor, mask: Tensor) -> Tensor:
     return torch.where(in_any_subset(mask).unsqueeze(-1), g, 0.0)
 
 
-@torch.library.custom_op("mmfast::subset_pool_linear", mutates_args=())
-def _forward(g: Tensor, mask: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _forward_impl(g: Tensor, mask: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     kernel = select_kernel(_POOL_OP, _KERNEL, g.device)
     if kernel is None:
         return fresh(ref.subset_pool_linear(g, mask, weight, bias).contiguous(), g, weight, bias)
@@ -58,14 +57,16 @@ def _forward(g: Tensor, mask: Tensor, weight: Tensor, bias: Optional[Tensor]) ->
     return torch.nn.functional.linear(pooled, weight, bias).contiguous()
 
 
+_forward = torch.library.custom_op("mmfast::subset_pool_linear", mutates_args=())(_forward_impl)
+
+
 @_forward.register_fake
 def _(g, mask, weight, bias):
     return g.new_empty((*mask.shape[:-1], weight.shape[0]))
 
 
-@torch.library.custom_op("mmfast::subset_pool_linear_backward", mutates_args=())
-def _backward(grad_out: Tensor, g: Tensor, mask: Tensor, weight: Tensor,
-              bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_impl(grad_out: Tensor, g: Tensor, mask: Tensor, weight: Tensor,
+                   bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients for (g, weight, bias); an absent bias's is empty."""
     kernel = select_kernel(_POOL_OP, _KERNEL, g.device)
     if kernel is None:
@@ -93,6 +94,10 @@ def _backward(grad_out: Tensor, g: Tensor, mask: Tensor, weight: Tensor,
     return grad_g.contiguous(), grad_weight.contiguous(), grad_bias
 
 
+_backward = torch.library.custom_op("mmfast::subset_pool_linear_backward",
+                                    mutates_args=())(_backward_impl)
+
+
 @_backward.register_fake
 def _(grad_out, g, mask, weight, bias):
     return (g.new_empty(g.shape), weight.new_empty(weight.shape),
@@ -106,11 +111,13 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd(ctx, grad_out):
     g, mask, weight, bias = ctx.saved_tensors
-    grad_g, grad_weight, grad_bias = _backward(grad_out, g, mask, weight, bias)
+    grad_g, grad_weight, grad_bias = _backward_call(grad_out, g, mask, weight, bias)
     return grad_g, None, grad_weight, None if bias is None else grad_bias
 
 
 _forward.register_autograd(_autograd, setup_context=_setup_context)
+_forward_call = eager_fast_path(_forward, _forward_impl, _setup_context, _autograd)
+_backward_call = eager_fast_path(_backward, _backward_impl)
 
 
 def subset_pool_linear(g: Tensor, mask: Tensor, weight: Tensor,
@@ -141,4 +148,4 @@ def subset_pool_linear(g: Tensor, mask: Tensor, weight: Tensor,
         V.same_shape(op, "bias", bias, (weight.shape[0],))
     V.same_dtype(op, g=g, weight=weight, bias=bias)
     V.same_device(op, g=g, mask=mask, weight=weight, bias=bias)
-    return _forward(g, mask, weight, bias)
+    return _forward_call(g, mask, weight, bias)

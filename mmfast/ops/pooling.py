@@ -7,17 +7,19 @@ from torch import Tensor
 from mmfast.backend import select_kernel
 from mmfast.ops import _validate as V
 from mmfast.ops import reference as ref
-from mmfast.ops._custom import fresh, reference_vjp
+from mmfast.ops._custom import eager_fast_path, fresh, reference_vjp
 
 _KERNEL = "subset_pool"
 
 
-@torch.library.custom_op("mmfast::subset_sum_pool", mutates_args=())
-def _forward(x: Tensor, mask: Tensor) -> Tensor:
+def _forward_impl(x: Tensor, mask: Tensor) -> Tensor:
     kernel = select_kernel("subset_sum_pool", _KERNEL, x.device)
     if kernel is not None:
         return kernel.subset_sum_pool_forward(x, mask)
     return fresh(ref.subset_sum_pool(x, mask).contiguous(), x)
+
+
+_forward = torch.library.custom_op("mmfast::subset_sum_pool", mutates_args=())(_forward_impl)
 
 
 @_forward.register_fake
@@ -25,12 +27,15 @@ def _(x, mask):
     return x.new_empty((*mask.shape[:-1], x.shape[-1]))
 
 
-@torch.library.custom_op("mmfast::subset_sum_pool_backward", mutates_args=())
-def _backward(grad_out: Tensor, x: Tensor, mask: Tensor) -> Tensor:
+def _backward_impl(grad_out: Tensor, x: Tensor, mask: Tensor) -> Tensor:
     kernel = select_kernel("subset_sum_pool", _KERNEL, x.device)
     if kernel is not None:
         return kernel.subset_sum_pool_backward(grad_out, x, mask)
     return reference_vjp(ref.subset_sum_pool, (x,), (grad_out,), mask)[0]
+
+
+_backward = torch.library.custom_op("mmfast::subset_sum_pool_backward",
+                                    mutates_args=())(_backward_impl)
 
 
 @_backward.register_fake
@@ -45,11 +50,13 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd(ctx, grad_out):
     x, mask = ctx.saved_tensors
-    grad_x = _backward(grad_out, x, mask) if ctx.needs_input_grad[0] else None
+    grad_x = _backward_call(grad_out, x, mask) if ctx.needs_input_grad[0] else None
     return grad_x, None
 
 
 _forward.register_autograd(_autograd, setup_context=_setup_context)
+_forward_call = eager_fast_path(_forward, _forward_impl, _setup_context, _autograd)
+_backward_call = eager_fast_path(_backward, _backward_impl)
 
 
 def subset_sum_pool(x: Tensor, mask: Tensor) -> Tensor:
@@ -68,4 +75,4 @@ def subset_sum_pool(x: Tensor, mask: Tensor) -> Tensor:
     V.tensor(op, "x", x, ndim=3, expected="[B, M, D]")
     V.mask(op, "mask", mask, x.shape[0], x.shape[1])
     V.same_device(op, x=x, mask=mask)
-    return _forward(x, mask)
+    return _forward_call(x, mask)

@@ -1,0 +1,84 @@
+"""The eager fast path (mmfast.ops._custom.eager_fast_path): in plain eager mode the public ops
+skip the custom-op dispatcher and run the same implementation through a torch.autograd.Function
+built from the op's registered autograd. It must give bit-identical values and gradients to the
+custom op, and must step aside wherever the op itself has to be seen."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import mmfast
+from conftest import require_backend
+from mmfast.ops._custom import EAGER_PATHS, _plain_eager
+from test_compile import FAMILIES
+
+
+def test_every_op_and_backward_op_has_an_eager_path():
+    registered = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("mmfast::")}
+    assert registered == set(EAGER_PATHS)
+
+
+def _floating(outputs):
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    return [o for o in outputs if o.is_floating_point()]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"], indirect=True)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_eager_path_is_bit_identical_to_the_custom_op(backend, family):
+    module, names, build = FAMILIES[family]
+    for name in names:
+        require_backend(backend, name, module)
+    gen = torch.Generator().manual_seed(3)
+    for op, args in build():
+        if op._qualified_op_name.endswith("_backward"):
+            continue               # reached through the forward's backward below
+        fast = EAGER_PATHS[op._qualified_op_name]
+        wrt = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        via_op, via_fast = _floating(op(*args)), _floating(fast(*args))
+        assert type(via_fast[0].grad_fn).__name__.endswith("_eagerBackward")
+        cotangents = [torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device)
+                      for o in via_op]
+        grads_op = torch.autograd.grad(via_op, wrt, cotangents, allow_unused=True)
+        grads_fast = torch.autograd.grad(via_fast, wrt, cotangents, allow_unused=True)
+        for a, b in zip(via_op + list(grads_op), via_fast + list(grads_fast)):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert torch.equal(a, b), op
+
+
+def test_an_output_without_gradient_gives_the_same_gradients_on_both_paths():
+    """Only the mean of a PoE used: its logvar's cotangent is absent on both paths."""
+    mu = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    logvar = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(4, 3) < 0.6
+    with mmfast.use_backend("reference"):
+        fast = torch.autograd.grad(mmfast.ops.gaussian_poe(mu, logvar, mask, prior=False)[0].sum(),
+                                   (mu, logvar))
+        slow = torch.autograd.grad(torch.ops.mmfast.gaussian_poe(mu, logvar, mask, None, None)[0]
+                                   .sum(), (mu, logvar))
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
+
+
+def test_the_op_itself_is_used_where_it_must_be_seen():
+    x = torch.randn(2, 3)
+    assert _plain_eager((x, 1.0))
+    with FlopCounterMode(display=False):                   # a dispatch mode
+        assert not _plain_eager((x,))
+    assert not _plain_eager((x.to("meta"),))
+    with torch.device("cpu"):                              # a torch-function mode
+        assert not _plain_eager((x,))
+
+    class Sub(torch.Tensor):
+        pass
+    assert not _plain_eager((x.as_subclass(Sub),))
+    seen = []
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def compiled(t):
+        seen.append(_plain_eager((t,)))
+        return t + 1
+    compiled(x)
+    assert seen == [False]
