@@ -82,3 +82,43 @@ def test_the_op_itself_is_used_where_it_must_be_seen():
         return t + 1
     compiled(x)
     assert seen == [False]
+
+
+def test_functorch_transforms_see_the_op():
+    seen = []
+
+    def record(t):
+        seen.append(_plain_eager((t,)))
+        return t * 2
+    torch.func.vmap(record)(torch.randn(3, 2))
+    torch.func.grad(lambda t: record(t).sum())(torch.randn(2))
+    assert seen == [False, False]
+
+
+def test_public_op_and_its_backward_reach_the_dispatcher_under_a_dispatch_mode():
+    """The routing itself, not only the predicate: a dispatch mode active for the forward and
+    backward sees both custom ops; one entered only for the backward of a fast-path forward
+    still sees the backward op. Parameters take the fast path."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.nn.Parameter(torch.randn(2, 3, 4, dtype=torch.float64))
+    mask = torch.tensor([[1, 0, 1], [1, 1, 0]], dtype=torch.bool)
+    with mmfast.use_backend("reference"):
+        with Record() as both:
+            mmfast.ops.subset_sum_pool(x, mask).sum().backward()
+        out = mmfast.ops.subset_sum_pool(x, mask)
+        assert type(out.grad_fn).__name__.endswith("_eagerBackward")
+        with Record() as backward_only:
+            out.sum().backward()
+    assert {"mmfast::subset_sum_pool", "mmfast::subset_sum_pool_backward"} <= set(both.ops)
+    assert "mmfast::subset_sum_pool_backward" in backward_only.ops
+    assert "mmfast::subset_sum_pool" not in backward_only.ops
