@@ -122,3 +122,38 @@ def test_public_op_and_its_backward_reach_the_dispatcher_under_a_dispatch_mode()
     assert {"mmfast::subset_sum_pool", "mmfast::subset_sum_pool_backward"} <= set(both.ops)
     assert "mmfast::subset_sum_pool_backward" in backward_only.ops
     assert "mmfast::subset_sum_pool" not in backward_only.ops
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"], indirect=True)
+def test_differentiating_a_backward_again_raises(backend):
+    """No op has a second-order formula: create_graph=True must run the backward op itself, so
+    that differentiating its result raises rather than silently dropping terms (the kernels'
+    gradients carry no graph)."""
+    require_backend(backend, "subset_sum_pool", "subset_pool")
+    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(3, 4) < 0.5
+    g, = torch.autograd.grad((mmfast.ops.subset_sum_pool(x, mask) ** 2).sum(), x,
+                             create_graph=True)
+    with pytest.raises(RuntimeError, match="subset_sum_pool_backward"):
+        ((g ** 2).sum() + 0 * x.sum()).backward()
+
+
+def test_the_jit_tracer_records_the_op():
+    x, mask = torch.randn(3, 4, 5), torch.rand(3, 4) < 0.5
+    with mmfast.use_backend("reference"):
+        traced = torch.jit.trace(lambda t: mmfast.ops.subset_sum_pool(t, mask), (x,))
+        assert "mmfast::subset_sum_pool" in str(traced.graph)
+        assert torch.equal(traced(x), mmfast.ops.subset_sum_pool(x, mask))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"], indirect=True)
+def test_outputs_are_not_views_and_can_be_changed_in_place(backend):
+    require_backend(backend, "gaussian_poe", "poe")
+    require_backend(backend, "subset_attention", "subset_attention")
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(3, 4) < 0.5
+    outputs = [mmfast.ops.subset_sum_pool(x, mask), *mmfast.ops.gaussian_poe(x, x, mask),
+               mmfast.ops.subset_attention(x, x, x, mask, 2)]
+    for out in outputs:
+        assert not out._is_view()
+        out.add_(1.0)

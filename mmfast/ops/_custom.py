@@ -22,10 +22,12 @@ EAGER_PATHS: dict[str, Callable] = {}
 def _plain_eager(args: Sequence) -> bool:
     """True when a call may skip the custom-op dispatcher: eager mode, plain tensors on a real
     device, and nothing that must see the op itself (torch.compile, dispatch modes such as fake
-    tensors, opcheck and FlopCounterMode, functorch transforms, torch-function modes)."""
+    tensors, opcheck and FlopCounterMode, functorch transforms, torch-function modes, the JIT
+    tracer)."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
             or torch._C._are_functorch_transforms_active()
-            or torch._C._is_torch_function_mode_enabled()):
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._get_tracing_state() is not None):       # torch.jit.trace
         return False
     return all(type(a) in _PLAIN_TENSORS and a.device.type != "meta"
                for a in args if isinstance(a, torch.Tensor))
@@ -43,8 +45,11 @@ def eager_fast_path(op: Callable, impl: Callable, setup_context: Callable | None
     ``backward`` (the backward ops) ``impl`` is called as is.
     """
     if backward is None:
+        # Only with grad mode off, as in an ordinary backward: under create_graph=True the op
+        # must run, so that differentiating it again raises (no second-order formula is
+        # registered) instead of silently dropping the kernels' second-order terms.
         def call_plain(*args):
-            return impl(*args) if _plain_eager(args) else op(*args)
+            return impl(*args) if not torch.is_grad_enabled() and _plain_eager(args) else op(*args)
         EAGER_PATHS[op._qualname] = call_plain
         return call_plain
 
@@ -64,7 +69,9 @@ def eager_fast_path(op: Callable, impl: Callable, setup_context: Callable | None
         "forward": staticmethod(forward), "backward": staticmethod(grads)})
 
     def call(*args):
-        return function.apply(*args) if _plain_eager(args) else op(*args)
+        if not _plain_eager(args):
+            return op(*args)
+        return function.apply(*args) if torch.is_grad_enabled() else impl(*args)
     EAGER_PATHS[op._qualname] = call
     return call
 
@@ -124,7 +131,10 @@ def absent(like: torch.Tensor) -> torch.Tensor:
 
 
 def fresh(t: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
-    """A custom op may not return an alias of its inputs: copy only when it would."""
+    """A custom op may not return an alias of its inputs, nor a view (autograd would refuse
+    in-place changes to it): copy only when it would."""
+    if t._is_view():
+        return t.clone()
     for x in inputs:
         if x is not None and t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
             return t.clone()

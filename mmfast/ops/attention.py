@@ -9,7 +9,7 @@ from torch import Tensor
 from mmfast.backend import select_kernel
 from mmfast.ops import _validate as V
 from mmfast.ops import reference as ref
-from mmfast.ops._custom import eager_fast_path, reference_vjp
+from mmfast.ops._custom import eager_fast_path, fresh, reference_vjp
 
 _KERNEL = "subset_attention"
 
@@ -24,7 +24,7 @@ def _forward_impl(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, num_heads: int,
     if kernel is not None:
         return kernel.subset_attention_forward(q, k, v, mask, num_heads, scale)
     out, lse = ref.subset_attention(q, k, v, mask, num_heads, scale)
-    return out.contiguous(), lse.contiguous()
+    return fresh(out.contiguous(), q, k, v), fresh(lse.contiguous())
 
 
 _forward = torch.library.custom_op("mmfast::subset_attention", mutates_args=())(_forward_impl)

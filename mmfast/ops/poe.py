@@ -9,7 +9,7 @@ from torch import Tensor
 from mmfast.backend import select_kernel
 from mmfast.ops import _validate as V
 from mmfast.ops import reference as ref
-from mmfast.ops._custom import absent, eager_fast_path, reference_vjp
+from mmfast.ops._custom import absent, eager_fast_path, fresh, reference_vjp
 
 _KERNEL = "poe"
 
@@ -20,7 +20,7 @@ def _forward_impl(mu: Tensor, logvar: Tensor, mask: Tensor, prior_mu: Optional[T
     if kernel is not None:
         return kernel.gaussian_poe_forward(mu, logvar, mask, prior_mu, prior_logvar)
     out_mu, out_logvar = ref.gaussian_poe(mu, logvar, mask, prior_mu, prior_logvar)
-    return out_mu.contiguous(), out_logvar.contiguous()
+    return fresh(out_mu.contiguous(), mu, logvar), fresh(out_logvar.contiguous(), mu, logvar)
 
 
 _forward = torch.library.custom_op("mmfast::gaussian_poe", mutates_args=())(_forward_impl)
