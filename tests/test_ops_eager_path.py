@@ -157,3 +157,19 @@ def test_outputs_are_not_views_and_can_be_changed_in_place(backend):
     for out in outputs:
         assert not out._is_view()
         out.add_(1.0)
+
+
+def test_forward_mode_ad_raises_instead_of_giving_zero_tangents():
+    import torch.autograd.forward_ad as fwAD
+    x, mask = torch.randn(3, 4, 5), torch.rand(3, 4) < 0.5
+    with mmfast.use_backend("reference"):
+        with pytest.raises(NotImplementedError, match="mmfast::subset_sum_pool.*forward-mode"):
+            torch.func.jvp(lambda t: mmfast.ops.subset_sum_pool(t, mask), (x,), (torch.ones_like(x),))
+        with pytest.raises(NotImplementedError, match="forward-mode"):     # jvp outside vmap
+            torch.func.jvp(torch.func.vmap(lambda t: mmfast.ops.subset_sum_pool(t, mask[:1])),
+                           (x.unsqueeze(1),), (torch.ones_like(x).unsqueeze(1),))
+        with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode"):
+            mmfast.ops.subset_sum_pool(fwAD.make_dual(x, torch.ones_like(x)), mask)
+        with fwAD.dual_level():                    # a dual level alone, no dual input: fine
+            assert torch.equal(mmfast.ops.subset_sum_pool(x, mask),
+                               torch.ops.mmfast.subset_sum_pool(x, mask))

@@ -33,6 +33,25 @@ def _plain_eager(args: Sequence) -> bool:
                for a in args if isinstance(a, torch.Tensor))
 
 
+def _refuse_forward_mode(op: Callable, args: Sequence) -> None:
+    """Raise for forward-mode AD (``torch.func.jvp``, dual tensors of
+    ``torch.autograd.forward_ad``): no op has a forward-mode formula, and through a custom op
+    ``torch.func.jvp`` would silently give zero tangents."""
+    from torch._C._functorch import TransformType, get_interpreter_stack
+    from torch.autograd import forward_ad
+
+    if torch._C._are_functorch_transforms_active():   # tensors wrapped: ask the transforms
+        refuse = any(i.key() == TransformType.Jvp for i in (get_interpreter_stack() or ()))
+    else:
+        refuse = forward_ad._current_level >= 0 and any(
+            forward_ad.unpack_dual(a).tangent is not None
+            for a in args if isinstance(a, torch.Tensor))
+    if refuse:
+        raise NotImplementedError(
+            f"{getattr(op, '_qualname', op)} has no forward-mode derivative (torch.func.jvp, "
+            "torch.autograd.forward_ad); use reverse mode (backward, torch.func.grad/vjp)")
+
+
 def eager_fast_path(op: Callable, impl: Callable, setup_context: Callable | None = None,
                     backward: Callable | None = None) -> Callable:
     """``op`` (a custom op made from ``impl``), or in plain eager mode ``impl`` itself.
@@ -69,6 +88,7 @@ def eager_fast_path(op: Callable, impl: Callable, setup_context: Callable | None
         "forward": staticmethod(forward), "backward": staticmethod(grads)})
 
     def call(*args):
+        _refuse_forward_mode(op, args)
         if not _plain_eager(args):
             return op(*args)
         return function.apply(*args) if torch.is_grad_enabled() else impl(*args)
