@@ -110,12 +110,12 @@ def load_groups(data: dict) -> list[Group]:
 def judge(target: Target, groups: list[Group]) -> tuple[str, str]:
     """(verdict, measured text) of one target over the matching groups."""
     rx = re.compile(target.pattern)
+    matching = [g for g in groups if rx.search(g.name)]
     values = []
-    for g in groups:
-        if rx.search(g.name):
-            v = g.speedup(target.baselines) if target.metric == "speedup" else g.copy_ratio()
-            if v is not None:
-                values.append((v, g.name))
+    for g in matching:
+        v = g.speedup(target.baselines) if target.metric == "speedup" else g.copy_ratio()
+        if v is not None:
+            values.append((v, g.name))
     if not values:
         return "not measured", "—"
     worst, where = min(values)
@@ -124,7 +124,7 @@ def judge(target: Target, groups: list[Group]) -> tuple[str, str]:
     if len(values) > 1:
         shown += f" (worst of {len(values)}: {where})"
     if target.metric == "copy_ratio":
-        kernels = [g.device_copy_ratio() for g in groups if rx.search(g.name)]
+        kernels = [g.device_copy_ratio() for g in matching]
         if kernels and None not in kernels:
             shown += f"; kernels alone (CUDA profiler): worst {100 * min(kernels):.0f}%"
     return verdict, shown

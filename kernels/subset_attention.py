@@ -363,8 +363,8 @@ def subset_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = torch.empty((*mask.shape[:-1], H, M), dtype=_lse_dtype(q.dtype), device=q.device)
     if B * S * M == 0:
         return out, lse
-    block_m, block_d, chunk_s, warps = _blocks(S, M, Dh,
-                                               columns=_precision(q.dtype) == "columns")
+    precision = _precision(q.dtype)
+    block_m, block_d, chunk_s, warps = _blocks(S, M, Dh, columns=precision == "columns")
     chunks = cdiv(S, chunk_s)
     # On the GPU, split a row's subsets over programs when rows × heads alone would leave SMs
     # idle (each split recomputes the scores, a small cost next to its chunks).
@@ -380,7 +380,7 @@ def subset_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         smb, sms, smm,
         sob, sos, som,
         slb, sls, slh,
-        ACC_DTYPE=_acc_dtype(q.dtype), PRECISION=_precision(q.dtype),
+        ACC_DTYPE=_acc_dtype(q.dtype), PRECISION=precision,
         BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s, num_warps=warps,
     )
     return out, lse
@@ -412,8 +412,9 @@ def subset_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
         return dq, dk, dv
     if S == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    precision = _precision(q.dtype)
     block_m, block_d, chunk_s, warps = _blocks(S, M, Dh, backward=True,
-                                               columns=_precision(q.dtype) == "columns")
+                                               columns=precision == "columns")
     slb, sls, slh, _ = _per_subset_strides(lse, mask)
     _attention_backward_kernel[(B, H)](
         grad_out, q, k, v, mask_bytes, lse, dq, dk, dv,
@@ -423,7 +424,7 @@ def subset_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
         smb, sms, smm,
         slb, sls, slh,
         dq.stride(0), dq.stride(1),
-        ACC_DTYPE=_acc_dtype(q.dtype), PRECISION=_precision(q.dtype),
+        ACC_DTYPE=_acc_dtype(q.dtype), PRECISION=precision,
         BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s, num_warps=warps,
     )
     return dq, dk, dv

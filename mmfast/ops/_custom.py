@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+from torch._C._functorch import TransformType, get_interpreter_stack
+from torch.autograd import forward_ad
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
@@ -37,9 +39,6 @@ def _refuse_forward_mode(op: Callable, args: Sequence) -> None:
     """Raise for forward-mode AD (``torch.func.jvp``, dual tensors of
     ``torch.autograd.forward_ad``): no op has a forward-mode formula, and through a custom op
     ``torch.func.jvp`` would silently give zero tangents."""
-    from torch._C._functorch import TransformType, get_interpreter_stack
-    from torch.autograd import forward_ad
-
     if torch._C._are_functorch_transforms_active():   # tensors wrapped: ask the transforms
         refuse = any(i.key() == TransformType.Jvp for i in (get_interpreter_stack() or ()))
     else:
