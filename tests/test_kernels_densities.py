@@ -16,20 +16,11 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-import mmfast
+from _kernel_helpers import (F64, TOL, gen, randn, triton_backend,  # noqa: F401 (autouse fixture)
+                             uniform)
 from conftest import DEVICE
 from mmfast.kernels import densities as kernel
 from mmfast.ops import gaussian_log_prob, mixture_log_prob
-
-F64 = torch.float64
-TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4), torch.float16: (1e-2, 5e-2),
-       torch.bfloat16: (2e-2, 2e-1)}
-
-
-@pytest.fixture(autouse=True)
-def _triton():
-    with mmfast.use_backend("triton"):
-        yield
 
 
 @pytest.fixture
@@ -45,20 +36,6 @@ def gpu_tiles(monkeypatch):
     run by the interpreter on tiny tensors."""
     monkeypatch.setattr(kernel, "triton_interpreting", lambda: False)
     monkeypatch.setattr(kernel, "element_budget", lambda: 4096)
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(*shape, seed, scale=1.0, shift=0.0, dtype=F64):
-    t = torch.randn(shape, generator=gen(seed), dtype=F64) * scale + shift
-    return t.to(DEVICE, dtype).requires_grad_(True)
-
-
-def uniform(*shape, seed, low, high, dtype=F64):
-    t = torch.rand(shape, generator=gen(seed), dtype=F64) * (high - low) + low
-    return t.to(DEVICE, dtype).requires_grad_(True)
 
 
 def gaussian_density(z, mu, logvar):

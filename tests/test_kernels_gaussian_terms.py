@@ -17,35 +17,18 @@ import pytest
 import torch
 
 import mmfast
+from _kernel_helpers import F64, TOL, gen, randn, triton_backend  # noqa: F401 (autouse fixture)
 from conftest import DEVICE
 from mmfast.kernels import gaussian_terms as kernel
 from mmfast.ops import gaussian_terms
 
-F64 = torch.float64
-TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4), torch.float16: (1e-2, 5e-2),
-       torch.bfloat16: (2e-2, 2e-1)}
 NAMES = ("z_s", "log_q_s", "log_p_s", "z_full", "log_q_full", "log_q_full_given_s")
-
-
-@pytest.fixture(autouse=True)
-def _triton():
-    with mmfast.use_backend("triton"):
-        yield
 
 
 @pytest.fixture
 def small_tiles(monkeypatch):
     """64-element tiles: few rows per block, banks split across subset chunks."""
     monkeypatch.setattr(kernel, "element_budget", lambda: 64)
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(*shape, seed, scale=1.0, shift=0.0, dtype=F64):
-    t = torch.randn(shape, generator=gen(seed), dtype=F64) * scale + shift
-    return t.to(DEVICE, dtype).requires_grad_(True)
 
 
 def normal_log_density(z, mu, logvar):

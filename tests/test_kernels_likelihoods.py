@@ -15,20 +15,10 @@ import math
 import pytest
 import torch
 
-import mmfast
+from _kernel_helpers import F64, TOL, gen, triton_backend  # noqa: F401 (autouse fixture)
 from conftest import DEVICE
 from mmfast.kernels import likelihoods as kernel
 from mmfast.ops import bernoulli_log_prob, categorical_log_prob, laplace_log_prob, normal_log_prob
-
-F64 = torch.float64
-TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4), torch.float16: (1e-2, 5e-2),
-       torch.bfloat16: (2e-2, 2e-1)}
-
-
-@pytest.fixture(autouse=True)
-def _triton():
-    with mmfast.use_backend("triton"):
-        yield
 
 
 @pytest.fixture
@@ -36,10 +26,6 @@ def small_tiles(monkeypatch):
     """Tiles of 64 elements: an event of more than 64 elements spans several chunks, more than
     64 classes several class chunks (online log-sum-exp), and positions several blocks."""
     monkeypatch.setattr(kernel, "element_budget", lambda: 64)
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 def randn(*shape, seed, scale=1.0, dtype=F64):

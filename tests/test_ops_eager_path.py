@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import mmfast
 from conftest import require_backend
 from mmfast.ops._custom import EAGER_PATHS, _plain_eager
-from test_compile import FAMILIES
+from test_compile import FAMILIES, family_cases
 
 
 def test_every_op_and_backward_op_has_an_eager_path():
@@ -27,11 +27,8 @@ def _floating(outputs):
 @pytest.mark.parametrize("backend", ["reference", "triton"], indirect=True)
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_eager_path_is_bit_identical_to_the_custom_op(backend, family):
-    module, names, build = FAMILIES[family]
-    for name in names:
-        require_backend(backend, name, module)
     gen = torch.Generator().manual_seed(3)
-    for op, args in build():
+    for op, args in family_cases(backend, family):
         if op._qualified_op_name.endswith("_backward"):
             continue               # reached through the forward's backward below
         fast = EAGER_PATHS[op._qualified_op_name]
