@@ -5,6 +5,11 @@ Expectations come from the maths, not from the code under test: a float64 brute 
 multiplies the experts of each subset explicitly (precisions summed one expert at a time), the
 defining property of a product of Gaussians (``Σ_j log N(z; mu_j, var_j) − log N(z; mu, var)``
 does not depend on z), and, for gradients, autograd through that brute force.
+
+The kernels have two paths (kernels/poe.py): exps shared by all subsets under one shift per
+feature, taken where a program's log-precisions span at most ``SHARED_SHIFT_RANGE``, and a
+shift per subset otherwise. Every test runs on both (the ``shift_path`` fixture forces one);
+``test_shipped_range_picks_the_path`` checks the choice the shipped threshold makes.
 """
 from __future__ import annotations
 
@@ -16,7 +21,19 @@ import torch
 import mmfast
 from conftest import DEVICE
 from _seeded import all_subsets_bank, gen, randn, random_mask
+from mmfast.kernels import poe as poe_kernel
 from mmfast.ops import gaussian_poe
+
+SHIPPED_RANGE = poe_kernel.SHARED_SHIFT_RANGE
+# Forcing values: every span is below the first (in these tests' inputs, up to 60), none below
+# the second.
+FORCE = {"shared shift": 1e4, "per-subset shift": -1.0}
+
+
+@pytest.fixture(autouse=True, params=list(FORCE))
+def shift_path(request, monkeypatch):
+    monkeypatch.setattr(poe_kernel, "SHARED_SHIFT_RANGE", FORCE[request.param])
+    return request.param
 
 F64 = torch.float64
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5),
@@ -179,6 +196,63 @@ def test_extreme_logvars_stay_finite_and_exact(prior_kind, dtype):
     out_mu, out_lv = check(randn(B, M, d, seed=42, dtype=dtype), logvar, mask, prior_kind,
                            seed=43)
     assert torch.isfinite(out_mu).all() and torch.isfinite(out_lv).all()
+
+
+def test_shipped_range_picks_the_path(monkeypatch):
+    """With the shipped threshold, a program whose log-precisions span less than it gives
+    exactly the shared-shift path's bits, and one spanning more the per-subset path's."""
+    B, M, d = 2, 5, 12
+    mu = randn(B, M, d, seed=301, dtype=torch.float32)
+    bank = all_subsets_bank(M).expand(B, 2 ** M, M)
+    g = randn(B, 2 ** M, d, seed=302, dtype=torch.float32)
+
+    def run(logvar, max_range):
+        monkeypatch.setattr(poe_kernel, "SHARED_SHIFT_RANGE", max_range)
+        prior = torch.zeros(B, d, dtype=torch.float32, device=DEVICE)
+        with torch.no_grad():
+            out = poe_kernel.gaussian_poe_forward(mu, logvar, bank, prior, prior)
+            grads = poe_kernel.gaussian_poe_backward(g, g * 0.3, mu, logvar, bank, prior, prior,
+                                                     *out)
+        return (*out, *grads)
+
+    half = SHIPPED_RANGE / 2
+    for span, expect in ((0.9 * half, "shared shift"), (1.1 * half, "per-subset shift")):
+        # logvar in [-span, span] with both ends present (the prior's 0 lies in between).
+        logvar = uniform(B, M, d, seed=303, low=-span, high=span, dtype=torch.float32)
+        logvar[:, 0], logvar[:, 1] = span, -span
+        got = run(logvar, SHIPPED_RANGE)
+        forced = run(logvar, FORCE[expect])
+        other = run(logvar, FORCE[({*FORCE} - {expect}).pop()])
+        assert all(torch.equal(a, b) for a, b in zip(got, forced)), (span, expect)
+        assert not all(torch.equal(a, b) for a, b in zip(got, other)), (span, expect)
+
+
+def test_nan_in_a_held_modality_stays_in_its_subsets():
+    """A NaN mean or log-variance of a modality some subsets hold makes those subsets (and the
+    gradients that flow through them) NaN, and leaves every other subset exact."""
+    B, M, d = 2, 4, 6
+    mu = randn(B, M, d, seed=311)
+    logvar = uniform(B, M, d, seed=312, low=-2, high=2)
+    bank = all_subsets_bank(M).expand(B, 2 ** M, M)
+    bad_mu, bad_lv = mu.clone(), logvar.clone()
+    bad_mu[0, 1, 2] = float("nan")
+    bad_lv[1, 3, 4] = float("nan")
+    bad_mu.requires_grad_(True)
+    bad_lv.requires_grad_(True)
+    g_mu, g_lv = randn(B, 2 ** M, d, seed=313), randn(B, 2 ** M, d, seed=314)
+    with mmfast.use_backend("triton"):
+        out_mu, out_lv = gaussian_poe(bad_mu, bad_lv, bank, prior=True)
+        got = torch.autograd.grad((out_mu, out_lv), (bad_mu, bad_lv), (g_mu, g_lv))
+    exp_mu, exp_lv = brute_poe(bad_mu, bad_lv, bank, (torch.zeros_like(mu[:, 0]),) * 2)
+    want = torch.autograd.grad((exp_mu * g_mu).sum() + (exp_lv * g_lv).sum(), (bad_mu, bad_lv))
+    out_mu, out_lv = out_mu.detach(), out_lv.detach()
+    torch.testing.assert_close(out_mu, exp_mu.detach(), equal_nan=True)
+    torch.testing.assert_close(out_lv, exp_lv.detach(), equal_nan=True)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, equal_nan=True)
+    holds = bank[0, :, 1]
+    assert out_mu[0, holds, 2].isnan().all() and not out_mu[0, ~holds].isnan().any()
+    assert not out_mu[0, :, torch.arange(d) != 2].isnan().any()
 
 
 def test_is_the_product_of_the_expert_densities():
