@@ -27,13 +27,14 @@ P and dP rather than by reading ``out`` back: it saves a pass over the largest t
 not rounded to a low-precision output dtype. Q and K do not depend on the subset, so the
 backward sums dS over the subsets and multiplies by K and Q once per program.
 
-Layout: one program per (row b, head h) loads the ``[BLOCK_M, BLOCK_D]`` tiles of Q, K and V
-once (only tokens in at least one of its subsets: a missing modality's features are never
-read, so NaN there cannot leak), computes the ``[BLOCK_M, BLOCK_M]`` scores once, then sweeps
-its subsets CHUNK_S at a time: a chunk's probabilities ``[CHUNK_S, BLOCK_M, BLOCK_M]`` are
-flattened to one ``[CHUNK_S·BLOCK_M, BLOCK_M]`` matrix so that the product with V is a single
-``tl.dot``. M and Dh are padded to powers of two of at least 16 (``tl.dot``'s minimum) with
-masks. The forward may split a row's subsets over programs (on the GPU, when rows × heads alone
+Layout: one program per (row b, head h) loads the ``[BLOCK_Q, BLOCK_D]`` tile of Q and the
+``[BLOCK_K, BLOCK_D]`` tiles of K and V once (only tokens in at least one of its subsets: a
+missing modality's features are never read, so NaN there cannot leak), computes the
+``[BLOCK_Q, BLOCK_K]`` scores once, then sweeps its subsets CHUNK_S at a time: a chunk's
+probabilities ``[CHUNK_S, BLOCK_Q, BLOCK_K]`` are flattened to one
+``[CHUNK_S·BLOCK_Q, BLOCK_K]`` matrix so that the product with V is a single ``tl.dot``. Keys
+and Dh are padded to powers of two of at least 16 (``tl.dot``'s minimum) with masks; queries
+only to a power of two with ``CHUNK_S·BLOCK_Q >= 16`` (see :func:`_blocks`). The forward may split a row's subsets over programs (on the GPU, when rows × heads alone
 would leave SMs idle); the backward gives each program every subset of its row and reduces them
 in a fixed order, so it is deterministic without atomics.
 
@@ -114,9 +115,13 @@ def _matmul_by_columns(a, b, ACC_DTYPE: tl.constexpr):
 def _matmul(a, b, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, FULL: tl.constexpr = False):
     """``a [P, R] @ b [R, N]`` accumulated in ACC_DTYPE: ``tl.dot`` with PRECISION ("ieee" or
     "tf32"; FULL forces "ieee"), or by columns where PRECISION is "columns" (see
-    :func:`_precision`)."""
+    :func:`_precision`). A side under 16 (``tl.dot``'s minimum; the query block of a small M)
+    takes a broadcast multiply-and-sum, exact in ACC_DTYPE: these are the once-per-program
+    products (scores, dQ, dK), small."""
     if PRECISION == "columns":
         return _matmul_by_columns(a, b, ACC_DTYPE)
+    elif a.shape[0] < 16 or a.shape[1] < 16 or b.shape[1] < 16:
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
     elif FULL:
         return tl.dot(a, b, input_precision="ieee", out_dtype=ACC_DTYPE)
     else:
@@ -141,59 +146,65 @@ def _attention_forward_kernel(
     stride_ob, stride_os, stride_om,
     stride_lb, stride_ls, stride_lh,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHUNK_S: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     first = tl.program_id(2) * subsets_per_program
     last = tl.minimum(first + subsets_per_program, S)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_k = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_D)
     chunk = tl.arange(0, CHUNK_S)
-    valid_m = offs_m < M
+    valid_q = offs_q < M
     valid_d = offs_d < Dh
     cols = (head * Dh + offs_d).to(tl.int64)
     scale = _scale_value(scale_hi, scale_lo, ACC_DTYPE)
 
-    used = _tokens_used(mask_ptr, row, first, last, offs_m, M, stride_mb, stride_ms, stride_mm,
-                        CHUNK_S)
-    q = _load_head(q_ptr, row, offs_m, cols, used, valid_d, stride_qb, stride_qm, stride_qe,
+    used_q = _tokens_used(mask_ptr, row, first, last, offs_q, M, stride_mb, stride_ms,
+                          stride_mm, CHUNK_S)
+    used_k = _tokens_used(mask_ptr, row, first, last, offs_k, M, stride_mb, stride_ms,
+                          stride_mm, CHUNK_S)
+    q = _load_head(q_ptr, row, offs_q, cols, used_q, valid_d, stride_qb, stride_qm, stride_qe,
                    ACC_DTYPE)
-    k = _load_head(k_ptr, row, offs_m, cols, used, valid_d, stride_kb, stride_km, stride_ke,
+    k = _load_head(k_ptr, row, offs_k, cols, used_k, valid_d, stride_kb, stride_km, stride_ke,
                    ACC_DTYPE)
-    v = _load_head(v_ptr, row, offs_m, cols, used, valid_d, stride_vb, stride_vm, stride_ve,
+    v = _load_head(v_ptr, row, offs_k, cols, used_k, valid_d, stride_vb, stride_vm, stride_ve,
                    ACC_DTYPE)
     # The scores of the row are shared by all its subsets: computed once.
-    scores = _matmul(q, tl.trans(k), PRECISION, ACC_DTYPE) * scale
+    scores = _matmul(q, tl.trans(k), PRECISION, ACC_DTYPE) * scale              # [BQ, BK]
 
     for s0 in range(first, last, CHUNK_S):
         offs_s = s0 + chunk
-        member = _load_members(mask_ptr, row, offs_s, offs_m, last, M,
-                               stride_mb, stride_ms, stride_mm)                  # [CS, BM]
-        masked = tl.where(member[:, None, :], scores[None, :, :], float("-inf"))  # [CS, BM, BM]
+        member_q = _load_members(mask_ptr, row, offs_s, offs_q, last, M,
+                                 stride_mb, stride_ms, stride_mm)                # [CS, BQ]
+        member_k = _load_members(mask_ptr, row, offs_s, offs_k, last, M,
+                                 stride_mb, stride_ms, stride_mm)                # [CS, BK]
+        masked = tl.where(member_k[:, None, :], scores[None, :, :], float("-inf"))  # [CS,BQ,BK]
         top = tl.max(masked, axis=2)
         # An empty subset has no finite score: shift by 0 so every exp below is exp(-inf) = 0.
         top = tl.where(top == float("-inf"), 0.0, top)
         e = tl.exp(masked - top[:, :, None])
-        denom = tl.sum(e, axis=2)                                                # [CS, BM]
+        denom = tl.sum(e, axis=2)                                                # [CS, BQ]
         # A query in the subset has its own key in it, so its denominator is at least 1;
         # queries outside the subset get zero rows.
-        inv = tl.where(member, 1.0 / tl.where(member, denom, 1.0), 0.0)
+        inv = tl.where(member_q, 1.0 / tl.where(member_q, denom, 1.0), 0.0)
         probs = e * inv[:, :, None]
-        out = _matmul(tl.reshape(probs, (CHUNK_S * BLOCK_M, BLOCK_M)), v, PRECISION, ACC_DTYPE)
-        out = tl.reshape(out, (CHUNK_S, BLOCK_M, BLOCK_D))
+        out = _matmul(tl.reshape(probs, (CHUNK_S * BLOCK_Q, BLOCK_K)), v, PRECISION, ACC_DTYPE)
+        out = tl.reshape(out, (CHUNK_S, BLOCK_Q, BLOCK_D))
 
         s64 = offs_s.to(tl.int64)
         keep_s = offs_s < last
         out_ptrs = (out_ptr + row * stride_ob + s64[:, None, None] * stride_os
-                    + offs_m.to(tl.int64)[None, :, None] * stride_om + cols[None, None, :])
+                    + offs_q.to(tl.int64)[None, :, None] * stride_om + cols[None, None, :])
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty),
-                 mask=keep_s[:, None, None] & valid_m[None, :, None] & valid_d[None, None, :])
-        lse = tl.where(member, top + tl.log(tl.where(member, denom, 1.0)), 0.0)
+                 mask=keep_s[:, None, None] & valid_q[None, :, None] & valid_d[None, None, :])
+        lse = tl.where(member_q, top + tl.log(tl.where(member_q, denom, 1.0)), 0.0)
         lse_ptrs = (lse_ptr + row * stride_lb + s64[:, None] * stride_ls + head * stride_lh
-                    + offs_m[None, :])
+                    + offs_q[None, :])
         tl.store(lse_ptrs, lse.to(lse_ptr.dtype.element_ty),
-                 mask=keep_s[:, None] & valid_m[None, :])
+                 mask=keep_s[:, None] & valid_q[None, :])
 
 
 @triton.jit
@@ -208,64 +219,77 @@ def _attention_backward_kernel(
     stride_lb, stride_ls, stride_lh,
     stride_db, stride_dm,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHUNK_S: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_k = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_D)
     chunk = tl.arange(0, CHUNK_S)
-    valid_m = offs_m < M
     valid_d = offs_d < Dh
     cols = (head * Dh + offs_d).to(tl.int64)
     scale = _scale_value(scale_hi, scale_lo, ACC_DTYPE)
 
-    used = _tokens_used(mask_ptr, row, 0, S, offs_m, M, stride_mb, stride_ms, stride_mm, CHUNK_S)
-    q = _load_head(q_ptr, row, offs_m, cols, used, valid_d, stride_qb, stride_qm, stride_qe,
+    used_q = _tokens_used(mask_ptr, row, 0, S, offs_q, M, stride_mb, stride_ms, stride_mm,
+                          CHUNK_S)
+    used_k = _tokens_used(mask_ptr, row, 0, S, offs_k, M, stride_mb, stride_ms, stride_mm,
+                          CHUNK_S)
+    q = _load_head(q_ptr, row, offs_q, cols, used_q, valid_d, stride_qb, stride_qm, stride_qe,
                    ACC_DTYPE)
-    k = _load_head(k_ptr, row, offs_m, cols, used, valid_d, stride_kb, stride_km, stride_ke,
+    k = _load_head(k_ptr, row, offs_k, cols, used_k, valid_d, stride_kb, stride_km, stride_ke,
                    ACC_DTYPE)
-    v = _load_head(v_ptr, row, offs_m, cols, used, valid_d, stride_vb, stride_vm, stride_ve,
+    v = _load_head(v_ptr, row, offs_k, cols, used_k, valid_d, stride_vb, stride_vm, stride_ve,
                    ACC_DTYPE)
-    scores = _matmul(q, tl.trans(k), PRECISION, ACC_DTYPE) * scale
+    scores = _matmul(q, tl.trans(k), PRECISION, ACC_DTYPE) * scale              # [BQ, BK]
 
-    dv = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC_DTYPE)
-    ds_sum = tl.zeros((BLOCK_M, BLOCK_M), dtype=ACC_DTYPE)
+    dv = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC_DTYPE)
+    ds_sum = tl.zeros((BLOCK_Q, BLOCK_K), dtype=ACC_DTYPE)
     # Every subset of the row, a chunk at a time, always in the same order: deterministic.
     for s0 in range(0, S, CHUNK_S):
         offs_s = s0 + chunk
         s64 = offs_s.to(tl.int64)
-        member = _load_members(mask_ptr, row, offs_s, offs_m, S, M,
-                               stride_mb, stride_ms, stride_mm)                  # [CS, BM]
+        member_q = _load_members(mask_ptr, row, offs_s, offs_q, S, M,
+                                 stride_mb, stride_ms, stride_mm)                # [CS, BQ]
+        member_k = _load_members(mask_ptr, row, offs_s, offs_k, S, M,
+                                 stride_mb, stride_ms, stride_mm)                # [CS, BK]
         lse = tl.load(lse_ptr + row * stride_lb + s64[:, None] * stride_ls + head * stride_lh
-                      + offs_m[None, :], mask=member, other=0.0).to(ACC_DTYPE)
-        live = member[:, :, None] & member[:, None, :]                           # i, j ∈ s
+                      + offs_q[None, :], mask=member_q, other=0.0).to(ACC_DTYPE)
+        live = member_q[:, :, None] & member_k[:, None, :]                       # i, j ∈ s
         probs = tl.exp(tl.where(live, scores[None, :, :] - lse[:, :, None], float("-inf")))
         # Rows of queries outside the subset have no effect on anything: not read.
         grad = tl.load(grad_ptr + row * stride_gb + s64[:, None, None] * stride_gs
-                       + offs_m.to(tl.int64)[None, :, None] * stride_gm
+                       + offs_q.to(tl.int64)[None, :, None] * stride_gm
                        + cols[None, None, :] * stride_ge,
-                       mask=member[:, :, None] & valid_d[None, None, :], other=0.0).to(ACC_DTYPE)
-        grad_flat = tl.reshape(grad, (CHUNK_S * BLOCK_M, BLOCK_D))
+                       mask=member_q[:, :, None] & valid_d[None, None, :],
+                       other=0.0).to(ACC_DTYPE)
+        grad_flat = tl.reshape(grad, (CHUNK_S * BLOCK_Q, BLOCK_D))
         # dV += Σ_s P^sᵀ dO^s: keys × (subset, query) times (subset, query) × features.
         probs_t = tl.reshape(tl.permute(probs, (2, 0, 1)),
-                             (BLOCK_M, CHUNK_S * BLOCK_M))
+                             (BLOCK_K, CHUNK_S * BLOCK_Q))
         dv += _matmul(probs_t, grad_flat, PRECISION, ACC_DTYPE)
         dprobs = _matmul(grad_flat, tl.trans(v), PRECISION, ACC_DTYPE)
-        dprobs = tl.reshape(dprobs, (CHUNK_S, BLOCK_M, BLOCK_M))
+        dprobs = tl.reshape(dprobs, (CHUNK_S, BLOCK_Q, BLOCK_K))
         row_term = tl.sum(probs * dprobs, axis=2)                                # D^s_i
         ds_sum += tl.sum(probs * (dprobs - row_term[:, :, None]), axis=0)
 
     ds_sum = ds_sum * scale
-    dq = _matmul(ds_sum, k, PRECISION, ACC_DTYPE, True)
-    dk = _matmul(tl.trans(ds_sum), q, PRECISION, ACC_DTYPE, True)
+    dq = _matmul(ds_sum, k, PRECISION, ACC_DTYPE, True)                          # [BQ, BD]
+    dk = _matmul(tl.trans(ds_sum), q, PRECISION, ACC_DTYPE, True)                # [BK, BD]
 
     # Gradients are contiguous [B, M, E]; unused tokens get exact zeros.
-    tile = row * stride_db + offs_m.to(tl.int64)[:, None] * stride_dm + cols[None, :]
-    store = valid_m[:, None] & valid_d[None, :]
-    tl.store(dq_ptr + tile, dq.to(dq_ptr.dtype.element_ty), mask=store)
-    tl.store(dk_ptr + tile, dk.to(dk_ptr.dtype.element_ty), mask=store)
-    tl.store(dv_ptr + tile, dv.to(dv_ptr.dtype.element_ty), mask=store)
+    _store_rows(dq_ptr, row, offs_q, cols, M, valid_d, dq, stride_db, stride_dm)
+    _store_rows(dk_ptr, row, offs_k, cols, M, valid_d, dk, stride_db, stride_dm)
+    _store_rows(dv_ptr, row, offs_k, cols, M, valid_d, dv, stride_db, stride_dm)
+
+
+@triton.jit
+def _store_rows(ptr, row, offs, cols, M, valid_d, value, stride_b, stride_m):
+    """Store a ``[rows, BLOCK_D]`` head slice of a ``[B, M, E]`` gradient (rows < M only)."""
+    tile = row * stride_b + offs.to(tl.int64)[:, None] * stride_m + cols[None, :]
+    tl.store(ptr + tile, value.to(ptr.dtype.element_ty),
+             mask=(offs < M)[:, None] & valid_d[None, :])
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -304,27 +328,37 @@ def _scale_pair(scale: float) -> tuple[float, float]:
 
 
 def _blocks(S: int, M: int, Dh: int, backward: bool = False,
-            columns: bool = False) -> tuple[int, int, int, int]:
-    """BLOCK_M, BLOCK_D, CHUNK_S, num_warps.
+            columns: bool = False) -> tuple[int, int, int, int, int]:
+    """BLOCK_Q, BLOCK_K, BLOCK_D, CHUNK_S, num_warps.
 
-    M and Dh are padded to powers of two of at least 16 (the smallest ``tl.dot``). A chunk's
-    ``[CHUNK_S, BLOCK_M, max(BLOCK_M, BLOCK_D)]`` working set stays within a register budget on
-    the GPU, half as large for the backward, which holds three such arrays (P, dP, dO) where the
-    forward holds one: compiled for sm_90, the issue's shape (M = 8, E = 256, 4 heads, 255
-    subsets) spilled 344 bytes a thread in the float32 backward with 8 subsets a chunk, 32 with
-    4 (tests/_compile_sm90.py --report). In the interpreter, where every loop step costs
-    interpreted operations, chunks are large. ``columns`` (float64 compiled, see
-    :func:`_matmul_by_columns`) takes one subset a chunk.
+    Keys (BLOCK_K) and Dh are padded to powers of two of at least 16 (the smallest
+    ``tl.dot``). Queries (BLOCK_Q) are padded only to a power of two, and to at least
+    ``16 / CHUNK_S``: a chunk's queries are the rows of its ``[CHUNK_S·BLOCK_Q, ·]`` products,
+    so at M = 8 the per-subset products do half the work they would with queries padded to 16.
+    A chunk's ``[CHUNK_S, BLOCK_Q, max(BLOCK_K, BLOCK_D)]`` working set stays within a register
+    budget on the GPU, half as large for the backward, which holds three such arrays (P, dP,
+    dO) where the forward holds one: compiled for sm_90, the issue's shape (M = 8, E = 256, 4
+    heads, 255 subsets) with queries padded to 16 spilled 344 bytes a thread in the float32
+    backward with 8 subsets a chunk, 32 with 4 (tests/_compile_sm90.py --report). With 8-row
+    query blocks and 8 subsets a chunk it takes 98 registers and no spill with Triton 3.6 (the
+    GPU machines' version; 90 with 16-row blocks and 4 subsets a chunk); Triton 3.9's compiler
+    spills this backward with either layout. Static PTX counts put the loop at half the
+    instructions per subset of the 16-row layout. In the interpreter, where every
+    loop step costs interpreted operations, chunks are large.
+    ``columns`` (float64 compiled, see :func:`_matmul_by_columns`) takes one subset a chunk.
     """
-    block_m = max(16, next_power_of_2(max(M, 1)))
+    block_k = max(16, next_power_of_2(max(M, 1)))
+    block_q = next_power_of_2(max(M, 1))
     block_d = max(16, next_power_of_2(max(Dh, 1)))
     budget = 1 << 16 if triton_interpreting() else (4096 if backward else 8192)
     chunk_s = min(next_power_of_2(max(S, 1)),
-                  max(1, budget // (block_m * max(block_m, block_d))), 64)
+                  max(1, budget // (block_q * max(block_k, block_d))), 64)
     if columns:
         chunk_s = 1   # the column loop's extra work grows with the chunk's rows
-    warps = 8 if block_m * block_d >= 4096 or chunk_s * block_m * block_d >= budget else 4
-    return block_m, block_d, chunk_s, warps
+    block_q = max(block_q, 16 // chunk_s)
+    rows = chunk_s * block_q
+    warps = 8 if block_k * block_d >= 4096 or rows * block_d >= budget else 4
+    return block_q, block_k, block_d, chunk_s, warps
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -364,7 +398,8 @@ def subset_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if B * S * M == 0:
         return out, lse
     precision = _precision(q.dtype)
-    block_m, block_d, chunk_s, warps = _blocks(S, M, Dh, columns=precision == "columns")
+    block_q, block_k, block_d, chunk_s, warps = _blocks(S, M, Dh,
+                                                        columns=precision == "columns")
     chunks = cdiv(S, chunk_s)
     # On the GPU, split a row's subsets over programs when rows × heads alone would leave SMs
     # idle (each split recomputes the scores, a small cost next to its chunks).
@@ -381,7 +416,8 @@ def subset_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         sob, sos, som,
         slb, sls, slh,
         ACC_DTYPE=_acc_dtype(q.dtype), PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s, num_warps=warps,
+        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, CHUNK_S=chunk_s,
+        num_warps=warps,
     )
     return out, lse
 
@@ -413,8 +449,8 @@ def subset_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     if S == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     precision = _precision(q.dtype)
-    block_m, block_d, chunk_s, warps = _blocks(S, M, Dh, backward=True,
-                                               columns=precision == "columns")
+    block_q, block_k, block_d, chunk_s, warps = _blocks(S, M, Dh, backward=True,
+                                                        columns=precision == "columns")
     slb, sls, slh, _ = _per_subset_strides(lse, mask)
     _attention_backward_kernel[(B, H)](
         grad_out, q, k, v, mask_bytes, lse, dq, dk, dv,
@@ -425,6 +461,7 @@ def subset_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
         slb, sls, slh,
         dq.stride(0), dq.stride(1),
         ACC_DTYPE=_acc_dtype(q.dtype), PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s, num_warps=warps,
+        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, CHUNK_S=chunk_s,
+        num_warps=warps,
     )
     return dq, dk, dv

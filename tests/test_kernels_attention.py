@@ -192,6 +192,25 @@ def test_matches_brute_force(B, M, E, H, kind, dtype):
     check(q, k, v, make_mask(kind, B, M, seed), H, seed=seed + 7)
 
 
+@pytest.mark.parametrize("M,S,Dh,block_q", [(8, 256, 16, 8), (3, 8, 20, 4), (8, 1, 16, 16),
+                                             (2, 4, 16, 4)])
+def test_gpu_tiles(monkeypatch, M, S, Dh, block_q):
+    """The GPU's tile configuration under the interpreter (block sizes, and the split of a row's
+    subsets over programs, depend on whether the interpreter runs): query blocks narrower than
+    16 (8 and 4 at M = 8 and 3, with several subsets a chunk), the per-sample case where the
+    single-subset chunk pads queries to 16, and the forward's split of a row's subsets."""
+    kernel = kernel_module()
+    monkeypatch.setattr(kernel, "triton_interpreting", lambda: False)
+    got_q, block_k, block_d, chunk_s, _ = kernel._blocks(S, M, Dh)
+    assert got_q == block_q and block_k >= 16 and block_d >= 16 and chunk_s * block_q >= 16
+    B, H = 2, 2
+    seed = 500 + M * 10 + S
+    q, k, v = (randn(B, M, H * Dh, seed=seed + i, dtype=torch.float32) for i in range(3))
+    mask = random_mask(B, M, seed=seed + 3) if S == 1 else (
+        every_subset(M)[:S].expand(B, S, M) if 2 ** M >= S else random_mask(B, S, M, seed=seed))
+    check(q, k, v, mask, H, seed=seed + 4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["row", "bank"])
 def test_half_precision_inputs(dtype, kind):
@@ -207,7 +226,7 @@ def test_float64_reference_on_a_bank_of_several_chunks():
     q, k, v = (randn(B, M, E, seed=21 + i) for i in range(3))
     mask = every_subset(M).expand(B, 2 ** M, M)
     kernel = kernel_module()
-    _, _, chunk_s, _ = kernel._blocks(2 ** M, M, E // H)
+    chunk_s = kernel._blocks(2 ** M, M, E // H)[3]
     assert chunk_s < 2 ** M
     scale = 0.41
     out, lse = kernel.subset_attention_forward(q, k, v, mask, H, scale)
