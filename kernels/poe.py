@@ -378,8 +378,9 @@ def _poe_backward_kernel(
         g_mu, g_lv = _load_grads(gmu_ptr, glv_ptr, row, offs_s, d64, last, valid_d,
                                  stride_gb, stride_gs, stride_gd, stride_hb, stride_hs,
                                  stride_hd, ACC_DTYPE)
-        weight = e_s * inv_total[:, None, :]                                 # w_j, 0 off S
         inside = member[:, :, None]
+        # w_j, 0 off S: selected, as a NaN T (a NaN log-variance in S) times e_j = 0 is NaN.
+        weight = tl.where(inside, e_s * inv_total[:, None, :], 0.0)
         spread = tl.where(inside, mu[None, :, :] - out_mu[:, None, :], 0.0)  # mu_j - out_mu
         acc_a += tl.sum(weight * g_mu[:, None, :], axis=0)
         acc_b += tl.sum(weight * (g_lv[:, None, :] - g_mu[:, None, :] * spread), axis=0)

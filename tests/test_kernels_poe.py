@@ -255,6 +255,37 @@ def test_nan_in_a_held_modality_stays_in_its_subsets():
     assert not out_mu[0, :, torch.arange(d) != 2].isnan().any()
 
 
+@pytest.mark.parametrize("prior_kind", ["none", "per_row"])
+def test_nan_reaches_no_modality_outside_its_subsets(prior_kind):
+    """A NaN log-variance (a NaN T in the subsets holding it) or mean leaves exact the gradients
+    of a modality that shares no subset with it, and zero those of a modality in no subset. (In
+    the test above every modality shares a subset with every other, so it cannot tell.)"""
+    B, M, d = 2, 4, 5
+    mu = randn(B, M, d, seed=321)
+    logvar = uniform(B, M, d, seed=322, low=-2, high=2)
+    # Modality 0 is in subsets 0 and 2, with modality 2; modality 1 never meets it; 3 is unused.
+    subsets = [[1, 0, 0, 0], [0, 1, 0, 0], [1, 0, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]]
+    bank = torch.tensor(subsets, dtype=torch.bool, device=DEVICE).expand(B, 5, M)
+    logvar[:, 0, 1] = float("nan")
+    mu[:, 0, 3] = float("nan")
+    mu[:, 3], logvar[:, 3] = float("nan"), float("nan")
+    prior_arg, prior_bd = prior_pair(prior_kind, B, d, F64, seed=323)
+    leaves = [mu.requires_grad_(True), logvar.requires_grad_(True)]
+    leaves += list(prior_arg) if isinstance(prior_arg, tuple) else []
+    g_mu, g_lv = randn(B, 5, d, seed=324), randn(B, 5, d, seed=325)
+    with mmfast.use_backend("triton"):
+        out = gaussian_poe(mu, logvar, bank, prior_arg)
+        got = torch.autograd.grad(out, leaves, (g_mu, g_lv))
+    exp_mu, exp_lv = brute_poe(mu, logvar, bank, prior_bd)
+    want = torch.autograd.grad((exp_mu * g_mu).sum() + (exp_lv * g_lv).sum(), leaves,
+                               allow_unused=True)
+    for name, a, e in zip(("mu", "logvar", "prior_mu", "prior_logvar"), got, want):
+        e = torch.zeros_like(a) if e is None else e
+        torch.testing.assert_close(a, e, equal_nan=True,
+                                   msg=lambda m: f"gradient of {name}: {m}")
+    for t in got[:2]:
+        assert torch.isfinite(t[:, 1]).all() and not t[:, 3].any()
+
 def test_is_the_product_of_the_expert_densities():
     """Σ_j log N(z; mu_j, var_j) − log N(z; mu, var) is the same for every z."""
     B, M, d = 3, 4, 6
