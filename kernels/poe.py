@@ -217,7 +217,7 @@ def _poe_forward_kernel(
     stride_kb, stride_ks, stride_km,
     stride_pb, stride_pd, stride_qb, stride_qd,
     stride_ob, stride_os,
-    HAS_PRIOR: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_PRIOR: tl.constexpr, SHARED_SHIFT: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -237,8 +237,12 @@ def _poe_forward_kernel(
 
     # The paths are two loops, one of which runs no iteration, rather than the branches of an
     # `if`: Triton 3.6 miscompiles (a dominance error in its layout pass) values that the two
-    # branches of an `if` share, for float16/bfloat16 inputs.
-    split = tl.where(narrow, last, first)
+    # branches of an `if` share, for float16/bfloat16 inputs. Without SHARED_SHIFT (one subset
+    # a row: nothing to share) the first loop is empty at compile time and compiled away.
+    if SHARED_SHIFT:
+        split = tl.where(narrow, last, first)
+    else:
+        split = first
     # Shared shift: one exp per expert and feature for all subsets; a subset costs selections
     # and sums, plus one exp and one log per feature for its log-variance.
     e, e_prior = _shared_exps(neg_logvar, needed, prior_l, shift, HAS_PRIOR)
@@ -298,7 +302,7 @@ def _poe_backward_kernel(
     stride_vb, stride_vm, stride_vd,
     stride_kb, stride_ks, stride_km,
     stride_pb, stride_pd, stride_qb, stride_qd,
-    HAS_PRIOR: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_PRIOR: tl.constexpr, SHARED_SHIFT: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr,
 ):
     # Axis 0 is (row, part of the row's subsets), part fastest. With several parts each writes
@@ -325,7 +329,10 @@ def _poe_backward_kernel(
     d64 = offs_d.to(tl.int64)[None, :]
     # The program's subsets, a chunk at a time, always in the same order: deterministic. As in
     # the forward, the two paths are two loops, one of which runs no iteration.
-    split = tl.where(narrow, last, first)
+    if SHARED_SHIFT:
+        split = tl.where(narrow, last, first)
+    else:
+        split = first
 
     # Shared shift. With shared exps e_j, w_j = e_j / T_s factors out of every subset's sum:
     #   dmu_j = e_j A_j,   dlogvar_j = e_j (B_j - mu_j A_j),   A_j = Σ_{S∋j} gμ_S / T_S,
@@ -391,10 +398,13 @@ def _poe_backward_kernel(
 
     # Off the shared-shift path e may hold inf (a wide spread, shifted by 0): select, so that
     # 0 · inf cannot reach the result.
-    dmu = tl.where(narrow, e * acc_a, acc_a)
-    dlv = tl.where(narrow, e * (acc_b - mu_c * acc_a), acc_b)
-    dpmu = tl.where(narrow, e_prior * prior_a, prior_a)
-    dplv = tl.where(narrow, e_prior * (prior_b - prior_mu_c * prior_a), prior_b)
+    if SHARED_SHIFT:
+        dmu = tl.where(narrow, e * acc_a, acc_a)
+        dlv = tl.where(narrow, e * (acc_b - mu_c * acc_a), acc_b)
+        dpmu = tl.where(narrow, e_prior * prior_a, prior_a)
+        dplv = tl.where(narrow, e_prior * (prior_b - prior_mu_c * prior_a), prior_b)
+    else:
+        dmu, dlv, dpmu, dplv = acc_a, acc_b, prior_a, prior_b
 
     # Gradients are contiguous [splits, B, M, D] and [splits, B, D] (splits = 1: the result).
     slab = part * B + row
@@ -499,7 +509,7 @@ def gaussian_poe_forward(mu: torch.Tensor, logvar: torch.Tensor, mask: torch.Ten
         skb, sks, skm,
         spb, spd, sqb, sqd,
         out_mu.stride(0), sos,
-        HAS_PRIOR=prior_mu is not None, ACC_DTYPE=_acc_dtype(mu.dtype),
+        HAS_PRIOR=prior_mu is not None, SHARED_SHIFT=S > 1, ACC_DTYPE=_acc_dtype(mu.dtype),
         BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s, num_warps=warps,
     )
     return out_mu, out_lv
@@ -548,7 +558,7 @@ def gaussian_poe_backward(grad_mu: torch.Tensor, grad_logvar: torch.Tensor, mu: 
         *mu.stride(), *logvar.stride(),
         skb, sks, skm,
         spb, spd, sqb, sqd,
-        HAS_PRIOR=has_prior, ACC_DTYPE=_acc_dtype(mu.dtype),
+        HAS_PRIOR=has_prior, SHARED_SHIFT=S > 1, ACC_DTYPE=_acc_dtype(mu.dtype),
         BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s, num_warps=warps,
     )
     dmu, dlv = _sum_parts(dmu, mu.dtype), _sum_parts(dlv, mu.dtype)
