@@ -119,15 +119,24 @@ def _load_experts(mu_ptr, lv_ptr, mask_ptr, pmu_ptr, plv_ptr, row, first, last, 
 
 
 @triton.jit
-def _shared_shift(neg_logvar, needed, prior_l, valid_d, max_range, HAS_PRIOR: tl.constexpr):
-    """One shift per feature for all the program's subsets, and whether it is safe.
+def _shared_shift(neg_logvar, needed, prior_l, valid_d, max_range, first, last,
+                  HAS_PRIOR: tl.constexpr, SHARED_SHIFT: tl.constexpr):
+    """One shift per feature for all the program's subsets, whether it is safe, and so which
+    path each of the subsets ``[first, last)`` takes.
 
     Returns ``shift [BLOCK_D]``, the largest log-precision of each column over the experts the
-    program holds (0 for a column without any), and ``narrow``, a scalar: whether in every
-    column all of them lie within ``max_range`` of it. Then ``exp(l_j - shift)`` lies in
-    ``[e^-max_range, 1]`` for every expert, far from underflow, and serves every subset (the
-    weights are ratios, whatever the shift). Infinite log-precisions make it False; a NaN one
-    reaches only the subsets that hold it, on either path.
+    program holds (0 for a column without any); ``narrow``, a scalar: whether in every column
+    all of them lie within ``max_range`` of it; and ``split``: the shared-shift loop runs over
+    ``[first, split)``, the per-subset loop over ``[split, last)``. When narrow,
+    ``exp(l_j - shift)`` lies in ``[e^-max_range, 1]`` for every expert, far from underflow,
+    and serves every subset (the weights are ratios, whatever the shift). Infinite
+    log-precisions make it False; a NaN one reaches only the subsets that hold it, on either
+    path.
+
+    The paths are two loops, one of which runs no iteration, rather than the branches of an
+    ``if``: Triton 3.6 miscompiles (a dominance error in its layout pass) values that the two
+    branches of an ``if`` share, for float16/bfloat16 inputs. Without SHARED_SHIFT (one subset
+    a row: nothing to share) the first loop is empty at compile time and compiled away.
     """
     inside = needed[:, None] & valid_d[None, :]
     top = tl.max(tl.where(inside, neg_logvar, float("-inf")), axis=0)
@@ -140,7 +149,11 @@ def _shared_shift(neg_logvar, needed, prior_l, valid_d, max_range, HAS_PRIOR: tl
         held = held | valid_d
     within = (top - low) <= max_range
     narrow = tl.min((within | ~held).to(tl.int32), axis=0) > 0
-    return tl.where(held & within, top, 0.0), narrow
+    if SHARED_SHIFT:
+        split = tl.where(narrow, last, first)
+    else:
+        split = first
+    return tl.where(held & within, top, 0.0), narrow, split
 
 
 @triton.jit
@@ -200,6 +213,12 @@ def _subset_sums(member, e, e_mu, e_prior, prior_mu, HAS_PRIOR: tl.constexpr):
 
 
 @triton.jit
+def _inverse_or_zero(total):
+    """``1 / T``, and 0 for an empty product (T = 0; a NaN T stays NaN)."""
+    return tl.where(total != 0, 1.0 / tl.where(total != 0, total, 1.0), 0.0)
+
+
+@triton.jit
 def _store_outputs(out_mu_ptr, out_lv_ptr, row, offs_s, offs_d, last, valid_d, out_mu, out_lv,
                    stride_ob, stride_os):
     offs = row * stride_ob + offs_s.to(tl.int64)[:, None] * stride_os + offs_d[None, :]
@@ -233,16 +252,8 @@ def _poe_forward_kernel(
         valid_d, M, stride_mb, stride_mm, stride_md, stride_vb, stride_vm, stride_vd,
         stride_kb, stride_ks, stride_km, stride_pb, stride_pd, stride_qb, stride_qd,
         HAS_PRIOR, ACC_DTYPE, BLOCK_M, BLOCK_D, CHUNK_S)
-    shift, narrow = _shared_shift(neg_logvar, needed, prior_l, valid_d, max_range, HAS_PRIOR)
-
-    # The paths are two loops, one of which runs no iteration, rather than the branches of an
-    # `if`: Triton 3.6 miscompiles (a dominance error in its layout pass) values that the two
-    # branches of an `if` share, for float16/bfloat16 inputs. Without SHARED_SHIFT (one subset
-    # a row: nothing to share) the first loop is empty at compile time and compiled away.
-    if SHARED_SHIFT:
-        split = tl.where(narrow, last, first)
-    else:
-        split = first
+    shift, narrow, split = _shared_shift(neg_logvar, needed, prior_l, valid_d, max_range, first,
+                                         last, HAS_PRIOR, SHARED_SHIFT)
     # Shared shift: one exp per expert and feature for all subsets; a subset costs selections
     # and sums, plus one exp and one log per feature for its log-variance.
     e, e_prior = _shared_exps(neg_logvar, needed, prior_l, shift, HAS_PRIOR)
@@ -323,16 +334,11 @@ def _poe_backward_kernel(
         valid_d, M, stride_mb, stride_mm, stride_md, stride_vb, stride_vm, stride_vd,
         stride_kb, stride_ks, stride_km, stride_pb, stride_pd, stride_qb, stride_qd,
         HAS_PRIOR, ACC_DTYPE, BLOCK_M, BLOCK_D, CHUNK_S)
-    shift, narrow = _shared_shift(neg_logvar, needed, prior_l, valid_d, max_range, HAS_PRIOR)
-
+    # The program's subsets, a chunk at a time, always in the same order: deterministic.
+    shift, narrow, split = _shared_shift(neg_logvar, needed, prior_l, valid_d, max_range, first,
+                                         last, HAS_PRIOR, SHARED_SHIFT)
     # Index-times-stride products in 64 bits: a latent-dim-first gradient has stride B*S on d.
     d64 = offs_d.to(tl.int64)[None, :]
-    # The program's subsets, a chunk at a time, always in the same order: deterministic. As in
-    # the forward, the two paths are two loops, one of which runs no iteration.
-    if SHARED_SHIFT:
-        split = tl.where(narrow, last, first)
-    else:
-        split = first
 
     # Shared shift. With shared exps e_j, w_j = e_j / T_s factors out of every subset's sum:
     #   dmu_j = e_j A_j,   dlogvar_j = e_j (B_j - mu_j A_j),   A_j = Σ_{S∋j} gμ_S / T_S,
@@ -360,7 +366,7 @@ def _poe_backward_kernel(
         member = _load_members(mask_ptr, row, offs_s, offs_m, last, M,
                                stride_kb, stride_ks, stride_km)
         total, weighted = _subset_sums(member, e, e_mu, e_prior, prior_mu_c, HAS_PRIOR)
-        inv_total = tl.where(total != 0, 1.0 / tl.where(total != 0, total, 1.0), 0.0)
+        inv_total = _inverse_or_zero(total)
         g_mu, g_lv = _load_grads(gmu_ptr, glv_ptr, row, offs_s, d64, last, valid_d,
                                  stride_gb, stride_gs, stride_gd, stride_hb, stride_hs,
                                  stride_hd, ACC_DTYPE)
@@ -381,7 +387,7 @@ def _poe_backward_kernel(
                                stride_kb, stride_ks, stride_km)
         e_s, e_prior_s, total, top, out_mu = _subset_product(member, mu, neg_logvar, prior_mu,
                                                              prior_l, HAS_PRIOR)
-        inv_total = tl.where(total != 0, 1.0 / tl.where(total != 0, total, 1.0), 0.0)
+        inv_total = _inverse_or_zero(total)
         g_mu, g_lv = _load_grads(gmu_ptr, glv_ptr, row, offs_s, d64, last, valid_d,
                                  stride_gb, stride_gs, stride_gd, stride_hb, stride_hs,
                                  stride_hd, ACC_DTYPE)
