@@ -153,6 +153,33 @@ def _scale_value(scale_hi, scale_lo, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _load_row_head(q_ptr, k_ptr, v_ptr, mask_ptr, row, first, last, offs_q, offs_k, cols,
+                   valid_d, M, scale, stride_qb, stride_qm, stride_qe, stride_kb, stride_km,
+                   stride_ke, stride_vb, stride_vm, stride_ve, stride_mb, stride_ms, stride_mm,
+                   ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr,
+                   BLOCK_K: tl.constexpr, CHUNK_S: tl.constexpr):
+    """A program's head slices q ``[BLOCK_Q, BLOCK_D]``, k and v ``[BLOCK_K, BLOCK_D]`` (only
+    tokens in one of the subsets ``[first, last)``), and the scores ``scale · q kᵀ``
+    ``[BLOCK_Q, BLOCK_K]``, computed once and shared by all the subsets."""
+    used_q = _tokens_used(mask_ptr, row, first, last, offs_q, M, stride_mb, stride_ms,
+                          stride_mm, CHUNK_S)
+    # Equal blocks: one set of token flags serves queries and keys (see _chunk_members).
+    if BLOCK_Q == BLOCK_K:
+        used_k = used_q
+    else:
+        used_k = _tokens_used(mask_ptr, row, first, last, offs_k, M, stride_mb, stride_ms,
+                              stride_mm, CHUNK_S)
+    q = _load_head(q_ptr, row, offs_q, cols, used_q, valid_d, stride_qb, stride_qm, stride_qe,
+                   ACC_DTYPE)
+    k = _load_head(k_ptr, row, offs_k, cols, used_k, valid_d, stride_kb, stride_km, stride_ke,
+                   ACC_DTYPE)
+    v = _load_head(v_ptr, row, offs_k, cols, used_k, valid_d, stride_vb, stride_vm, stride_ve,
+                   ACC_DTYPE)
+    scores = _matmul(q, tl.trans(k), PRECISION, ACC_DTYPE) * scale
+    return q, k, v, scores
+
+
+@triton.jit
 def _attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr,
     S, M, Dh, subsets_per_program, scale_hi, scale_lo,
@@ -179,22 +206,11 @@ def _attention_forward_kernel(
     cols = (head * Dh + offs_d).to(tl.int64)
     scale = _scale_value(scale_hi, scale_lo, ACC_DTYPE)
 
-    used_q = _tokens_used(mask_ptr, row, first, last, offs_q, M, stride_mb, stride_ms,
-                          stride_mm, CHUNK_S)
-    # Equal blocks: one set of token flags serves queries and keys (see _chunk_members).
-    if BLOCK_Q == BLOCK_K:
-        used_k = used_q
-    else:
-        used_k = _tokens_used(mask_ptr, row, first, last, offs_k, M, stride_mb, stride_ms,
-                              stride_mm, CHUNK_S)
-    q = _load_head(q_ptr, row, offs_q, cols, used_q, valid_d, stride_qb, stride_qm, stride_qe,
-                   ACC_DTYPE)
-    k = _load_head(k_ptr, row, offs_k, cols, used_k, valid_d, stride_kb, stride_km, stride_ke,
-                   ACC_DTYPE)
-    v = _load_head(v_ptr, row, offs_k, cols, used_k, valid_d, stride_vb, stride_vm, stride_ve,
-                   ACC_DTYPE)
-    # The scores of the row are shared by all its subsets: computed once.
-    scores = _matmul(q, tl.trans(k), PRECISION, ACC_DTYPE) * scale              # [BQ, BK]
+    q, k, v, scores = _load_row_head(
+        q_ptr, k_ptr, v_ptr, mask_ptr, row, first, last, offs_q, offs_k, cols, valid_d, M,
+        scale, stride_qb, stride_qm, stride_qe, stride_kb, stride_km, stride_ke, stride_vb,
+        stride_vm, stride_ve, stride_mb, stride_ms, stride_mm, ACC_DTYPE, PRECISION, BLOCK_Q,
+        BLOCK_K, CHUNK_S)
 
     for s0 in range(first, last, CHUNK_S):
         offs_s = s0 + chunk
@@ -251,21 +267,11 @@ def _attention_backward_kernel(
     cols = (head * Dh + offs_d).to(tl.int64)
     scale = _scale_value(scale_hi, scale_lo, ACC_DTYPE)
 
-    used_q = _tokens_used(mask_ptr, row, 0, S, offs_q, M, stride_mb, stride_ms, stride_mm,
-                          CHUNK_S)
-    # Equal blocks: one set of token flags serves queries and keys (see _chunk_members).
-    if BLOCK_Q == BLOCK_K:
-        used_k = used_q
-    else:
-        used_k = _tokens_used(mask_ptr, row, 0, S, offs_k, M, stride_mb, stride_ms, stride_mm,
-                              CHUNK_S)
-    q = _load_head(q_ptr, row, offs_q, cols, used_q, valid_d, stride_qb, stride_qm, stride_qe,
-                   ACC_DTYPE)
-    k = _load_head(k_ptr, row, offs_k, cols, used_k, valid_d, stride_kb, stride_km, stride_ke,
-                   ACC_DTYPE)
-    v = _load_head(v_ptr, row, offs_k, cols, used_k, valid_d, stride_vb, stride_vm, stride_ve,
-                   ACC_DTYPE)
-    scores = _matmul(q, tl.trans(k), PRECISION, ACC_DTYPE) * scale              # [BQ, BK]
+    q, k, v, scores = _load_row_head(
+        q_ptr, k_ptr, v_ptr, mask_ptr, row, 0, S, offs_q, offs_k, cols, valid_d, M,
+        scale, stride_qb, stride_qm, stride_qe, stride_kb, stride_km, stride_ke, stride_vb,
+        stride_vm, stride_ve, stride_mb, stride_ms, stride_mm, ACC_DTYPE, PRECISION, BLOCK_Q,
+        BLOCK_K, CHUNK_S)
 
     dv = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC_DTYPE)
     ds_sum = tl.zeros((BLOCK_Q, BLOCK_K), dtype=ACC_DTYPE)
