@@ -35,3 +35,14 @@ def uniform(*shape, seed, low, high, dtype=F64):
     """A leaf that requires grad, uniform on [low, high) (drawn in float64)."""
     t = torch.rand(shape, generator=gen(seed), dtype=F64) * (high - low) + low
     return t.to(DEVICE, dtype).requires_grad_(True)
+
+
+def mixture_log_density(z, logits, mu, logvar, component):
+    """log Σ_c softmax(logits)_c exp(component(z, mu_c, logvar_c)), one component at a time;
+    ``component`` is the calling module's own Gaussian log-density (summed over the event)."""
+    log_w = logits - logits.max()
+    log_w = log_w - torch.log(torch.exp(log_w).sum())
+    comps = torch.stack([log_w[c] + component(z, mu[c], logvar[c])
+                         for c in range(logits.shape[0])], dim=-1)
+    top = comps.max(-1, keepdim=True).values.detach()
+    return top.squeeze(-1) + torch.log(torch.exp(comps - top).sum(-1))

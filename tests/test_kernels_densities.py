@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from _kernel_helpers import (F64, TOL, gen, randn, triton_backend,  # noqa: F401 (autouse fixture)
-                             uniform)
+from _kernel_helpers import (F64, TOL, gen, mixture_log_density, randn,  # noqa: F401
+                             triton_backend, uniform)  # (triton_backend: autouse fixture)
 from conftest import DEVICE
 from mmfast.kernels import densities as kernel
 from mmfast.ops import gaussian_log_prob, mixture_log_prob
@@ -47,12 +47,7 @@ def gaussian_density(z, mu, logvar):
 
 def mixture_density(z, logits, mu, logvar):
     """log Σ_c softmax(logits)_c N(z; mu_c, exp(logvar_c)), one component at a time."""
-    log_w = logits - logits.max()
-    log_w = log_w - torch.log(torch.exp(log_w).sum())
-    comps = torch.stack([log_w[c] + gaussian_density(z, mu[c], logvar[c])
-                         for c in range(logits.shape[0])], dim=-1)
-    top = comps.max(-1, keepdim=True).values.detach()
-    return top.squeeze(-1) + torch.log(torch.exp(comps - top).sum(-1))
+    return mixture_log_density(z, logits, mu, logvar, gaussian_density)
 
 
 def wide(leaves):

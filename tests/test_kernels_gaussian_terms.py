@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import mmfast
-from _kernel_helpers import F64, TOL, gen, randn, triton_backend  # noqa: F401 (autouse fixture)
+from _kernel_helpers import (F64, TOL, gen, mixture_log_density, randn,  # noqa: F401
+                             triton_backend)  # (triton_backend: autouse fixture)
 from conftest import DEVICE
 from mmfast.kernels import gaussian_terms as kernel
 from mmfast.ops import gaussian_terms
@@ -36,14 +37,6 @@ def normal_log_density(z, mu, logvar):
     return (-0.5 * (math.log(2 * math.pi) + logvar + (z - mu) ** 2 / torch.exp(logvar))).sum(-1)
 
 
-def mixture_log_density(z, logits, mu, logvar):
-    """log Σ_c softmax(logits)_c N(z; mu_c, exp(logvar_c)), one component at a time."""
-    log_w = logits - logits.max()
-    log_w = log_w - torch.log(torch.exp(log_w).sum())
-    comps = torch.stack([log_w[c] + normal_log_density(z, mu[c], logvar[c])
-                         for c in range(logits.shape[0])], dim=-1)
-    top = comps.max(-1, keepdim=True).values.detach()
-    return top.squeeze(-1) + torch.log(torch.exp(comps - top).sum(-1))
 
 
 def make(K, B, S, d, C=None, full=True, seed=0, dtype=F64):
@@ -80,7 +73,8 @@ def expected_terms(leaf, stl):
     z_s = w["mu_s"] + torch.exp(0.5 * w["logvar_s"]) * w["eps_s"]
     out = dict(z_s=z_s, log_q_s=normal_log_density(z_s, *q_params(w["mu_s"], w["logvar_s"])))
     if "logits" in w:
-        out["log_p_s"] = mixture_log_density(z_s, w["logits"], w["prior_mu"], w["prior_logvar"])
+        out["log_p_s"] = mixture_log_density(z_s, w["logits"], w["prior_mu"], w["prior_logvar"],
+                                             normal_log_density)
     else:
         out["log_p_s"] = normal_log_density(z_s, torch.zeros_like(z_s), torch.zeros_like(z_s))
     if "mu_f" in w:
