@@ -173,80 +173,162 @@ def _elementwise_backward_kernel(
 
 
 @triton.jit
+def _index(n: tl.constexpr, WIDE: tl.constexpr):
+    """``arange(n)`` for in-tile offsets: int32 (cheaper on every element), int64 when the
+    launcher found that a tile's offsets from its program's int64 base could pass 2^31."""
+    i = tl.arange(0, n)
+    if WIDE:
+        i = i.to(tl.int64)
+    return i
+
+
+@triton.jit
+def _class_max(x):
+    """``[BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL] -> [BLOCK_R, BLOCK_E]``: max over the classes."""
+    return tl.max(tl.max(x, axis=0), axis=2)
+
+
+@triton.jit
+def _class_sum(x):
+    """``[BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL] -> [BLOCK_R, BLOCK_E]``: sum over the classes."""
+    return tl.sum(tl.sum(x, axis=0), axis=2)
+
+
+@triton.jit
+def _per_class(x):
+    """``[BLOCK_R, BLOCK_E] -> [1, BLOCK_R, BLOCK_E, 1]``, to broadcast over a tile's classes."""
+    return x[None, :, :, None]
+
+
+@triton.jit
+def _categorical_targets(t_ptr, b0, e0, r, e, valid, C, stride_tb, stride_te):
+    """``[BLOCK_R, BLOCK_E]`` int32 class indices of the tile's positions: -1 for padding and for
+    an index outside [0, C), so comparing them with class offsets selects nothing there."""
+    t = tl.load(t_ptr + b0 * stride_tb + e0 * stride_te + r[:, None] * stride_tb
+                + e[None, :] * stride_te, mask=valid, other=-1)
+    return tl.where((t >= 0) & (t < C), t, -1).to(tl.int32)
+
+
+@triton.jit
 def _categorical_forward_kernel(
-    l_ptr, t_ptr, out_ptr, B, E, C,
+    l_ptr, t_ptr, out_ptr, B, E, C, row_blocks,
     stride_lk, stride_lb, stride_le, stride_lc, stride_tb, stride_te,
-    ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_CH: tl.constexpr,
+    BLOCK_CL: tl.constexpr, ONE_CHUNK: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """One program per (k, b): BLOCK_E positions at a time, classes in BLOCK_C chunks with an
-    online log-sum-exp (running max and rescaled sum)."""
-    row = tl.program_id(0).to(tl.int64)
-    k = row // B
-    b = row % B
-    base = l_ptr + k * stride_lk + b * stride_lb
-    acc = tl.zeros((BLOCK_E,), dtype=ACC)
-    for e0 in range(0, E, BLOCK_E):
-        offs_e = (e0 + tl.arange(0, BLOCK_E)).to(tl.int64)
-        valid_e = offs_e < E
-        top = tl.full((BLOCK_E,), float("-inf"), ACC)
-        total = tl.zeros((BLOCK_E,), dtype=ACC)
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
-            valid = valid_e[:, None] & (offs_c < C)[None, :]
-            l = tl.load(base + offs_e[:, None] * stride_le + offs_c[None, :] * stride_lc,
-                        mask=valid, other=float("-inf")).to(ACC)
-            new_top = tl.maximum(top, tl.max(l, axis=1))
-            shift = tl.where(new_top == float("-inf"), 0.0, new_top)
-            total = total * tl.exp(top - shift) + tl.sum(tl.exp(l - shift[:, None]), axis=1)
-            top = new_top
-        target = tl.load(t_ptr + b * stride_tb + offs_e * stride_te, mask=valid_e, other=0)
-        in_range = valid_e & (target >= 0) & (target < C)
+    """One program: BLOCK_R rows b of one sample k, positions in BLOCK_E chunks (one when
+    E <= BLOCK_E). A tile is ``[BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL]`` with class
+    ``c = ch·BLOCK_CL + cl``: the fast ``cl`` axis keeps loads coalesced while each thread holds
+    BLOCK_CH classes of a position, so the class reductions are mostly in-thread rather than
+    one warp shuffle per class. ONE_CHUNK (C <= BLOCK_CH·BLOCK_CL): classes read once, the
+    target logit selected from the tile; otherwise chunks with an online log-sum-exp (running
+    max and rescaled sum)."""
+    BLOCK_C: tl.constexpr = BLOCK_CH * BLOCK_CL
+    pid = tl.program_id(0)
+    k = (pid // row_blocks).to(tl.int64)
+    b0 = (pid % row_blocks).to(tl.int64) * BLOCK_R
+    r = _index(BLOCK_R, WIDE)
+    e = _index(BLOCK_E, WIDE)
+    c = _index(BLOCK_CH, WIDE)[:, None, None, None] * BLOCK_CL + _index(BLOCK_CL, WIDE)[None, None, None, :]
+    valid_r = r < tl.minimum(B - b0, BLOCK_R).to(tl.int32)
+    l_rows = l_ptr + k * stride_lk + b0 * stride_lb
+    positions = _per_class(r[:, None] * stride_lb + e[None, :] * stride_le)
+    acc = tl.zeros((BLOCK_R, BLOCK_E), dtype=ACC)
+    for e_start in range(0, E, BLOCK_E):
+        e0 = tl.cast(e_start, tl.int64)
+        valid = valid_r[:, None] & (e < tl.minimum(E - e0, BLOCK_E).to(tl.int32))[None, :]
+        target = _categorical_targets(t_ptr, b0, e0, r, e, valid, C, stride_tb, stride_te)
+        l_pos = l_rows + e0 * stride_le
+        if ONE_CHUNK:
+            l = tl.load(l_pos + positions + c * stride_lc, mask=_per_class(valid) & (c < C),
+                        other=float("-inf"))
+            l = l.to(ACC)
+            top = _class_max(l)
+            shift = tl.where(top == float("-inf"), 0.0, top)
+            total = _class_sum(tl.exp(l - _per_class(shift)))
+            picked = _class_sum(tl.where(c == _per_class(target), l, 0.0))
+        else:
+            top = tl.full((BLOCK_R, BLOCK_E), float("-inf"), ACC)
+            total = tl.zeros((BLOCK_R, BLOCK_E), dtype=ACC)
+            picked = tl.zeros((BLOCK_R, BLOCK_E), dtype=ACC)
+            for c_start in range(0, C, BLOCK_C):
+                l = tl.load(l_pos + tl.cast(c_start, tl.int64) * stride_lc + positions
+                            + c * stride_lc,
+                            mask=_per_class(valid) & (c < C - c_start), other=float("-inf"))
+                l = l.to(ACC)
+                new_top = tl.maximum(top, _class_max(l))
+                shift = tl.where(new_top == float("-inf"), 0.0, new_top)
+                total = total * tl.exp(top - shift) + _class_sum(tl.exp(l - _per_class(shift)))
+                top = new_top
+                picked += _class_sum(tl.where(c == _per_class(target - c_start), l, 0.0))
+        log_p = picked - top - tl.log(tl.where(valid, total, 1.0))
         # An out-of-range class index gives NaN rather than a silently wrong value.
-        picked = tl.load(base + offs_e * stride_le + target * stride_lc, mask=in_range,
-                         other=float("nan")).to(ACC)
-        acc += tl.where(valid_e, picked - top - tl.log(tl.where(valid_e, total, 1.0)), 0.0)
-    tl.store(out_ptr + row, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty))
+        log_p = tl.where(target >= 0, log_p, float("nan"))
+        acc += tl.where(valid, log_p, 0.0)
+    tl.store(out_ptr + k * B + b0 + r, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty),
+             mask=valid_r)
 
 
 @triton.jit
 def _categorical_backward_kernel(
-    g_ptr, l_ptr, t_ptr, dl_ptr, B, E, C,
+    g_ptr, l_ptr, t_ptr, dl_ptr, B, E, C, row_blocks, e_blocks,
     stride_gk, stride_gb,
     stride_lk, stride_lb, stride_le, stride_lc, stride_tb, stride_te,
-    ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
+    stride_dk, stride_db, stride_de,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_CH: tl.constexpr,
+    BLOCK_CL: tl.constexpr, ONE_CHUNK: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """One program per (k, b, block of positions): the log-sum-exp of each position again, then
-    ``g (onehot − softmax)`` chunk by chunk into the contiguous ``[K, B, E, C]`` gradient."""
-    row = tl.program_id(0).to(tl.int64)
-    k = row // B
-    b = row % B
-    offs_e = (tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)).to(tl.int64)
-    valid_e = offs_e < E
-    base = l_ptr + k * stride_lk + b * stride_lb
-    g = tl.load(g_ptr + k * stride_gk + b * stride_gb).to(ACC)
-    target = tl.load(t_ptr + b * stride_tb + offs_e * stride_te, mask=valid_e, other=-1)
-    top = tl.full((BLOCK_E,), float("-inf"), ACC)
-    total = tl.zeros((BLOCK_E,), dtype=ACC)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
-        valid = valid_e[:, None] & (offs_c < C)[None, :]
-        l = tl.load(base + offs_e[:, None] * stride_le + offs_c[None, :] * stride_lc,
-                    mask=valid, other=float("-inf")).to(ACC)
-        new_top = tl.maximum(top, tl.max(l, axis=1))
-        shift = tl.where(new_top == float("-inf"), 0.0, new_top)
-        total = total * tl.exp(top - shift) + tl.sum(tl.exp(l - shift[:, None]), axis=1)
-        top = new_top
-    lse = top + tl.log(tl.where(valid_e, total, 1.0))
-    out_row = dl_ptr + row * E * C
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
-        valid = valid_e[:, None] & (offs_c < C)[None, :]
-        l = tl.load(base + offs_e[:, None] * stride_le + offs_c[None, :] * stride_lc,
-                    mask=valid, other=0.0).to(ACC)
-        onehot = tl.where(offs_c[None, :] == target[:, None], 1.0, 0.0)
-        dl = g * (onehot - tl.exp(l - lse[:, None]))
-        tl.store(out_row + offs_e[:, None] * C + offs_c[None, :], dl.to(dl_ptr.dtype.element_ty),
-                 mask=valid)
+    """One program: a ``[BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL]`` tile of one sample k (classes
+    as in the forward), writing ``g (onehot − softmax)`` into the contiguous ``[K, B, E, C]``
+    gradient. ONE_CHUNK: the tile is read once and its exponentials serve both the normaliser
+    and the gradient; otherwise a log-sum-exp pass over class chunks, then a gradient pass."""
+    BLOCK_C: tl.constexpr = BLOCK_CH * BLOCK_CL
+    pid = tl.program_id(0)
+    e0 = (pid % e_blocks).to(tl.int64) * BLOCK_E
+    rest = pid // e_blocks
+    k = (rest // row_blocks).to(tl.int64)
+    b0 = (rest % row_blocks).to(tl.int64) * BLOCK_R
+    r = _index(BLOCK_R, WIDE)
+    e = _index(BLOCK_E, WIDE)
+    c = _index(BLOCK_CH, WIDE)[:, None, None, None] * BLOCK_CL + _index(BLOCK_CL, WIDE)[None, None, None, :]
+    valid_r = r < tl.minimum(B - b0, BLOCK_R).to(tl.int32)
+    valid = valid_r[:, None] & (e < tl.minimum(E - e0, BLOCK_E).to(tl.int32))[None, :]
+    g = tl.load(g_ptr + k * stride_gk + b0 * stride_gb + r * stride_gb, mask=valid_r,
+                other=0.0).to(ACC)[:, None]
+    target = _categorical_targets(t_ptr, b0, e0, r, e, valid, C, stride_tb, stride_te)
+    l_pos = l_ptr + k * stride_lk + b0 * stride_lb + e0 * stride_le
+    l_rows = l_pos + _per_class(r[:, None] * stride_lb + e[None, :] * stride_le)
+    dl_pos = dl_ptr + k * stride_dk + b0 * stride_db + e0 * stride_de
+    dl_rows = dl_pos + _per_class(r[:, None] * stride_db + e[None, :] * stride_de)
+    if ONE_CHUNK:
+        mask = _per_class(valid) & (c < C)
+        l = tl.load(l_rows + c * stride_lc, mask=mask, other=float("-inf")).to(ACC)
+        top = _class_max(l)
+        shift = tl.where(top == float("-inf"), 0.0, top)
+        p = tl.exp(l - _per_class(shift))
+        # One division per position, softmax·g = p·(g / Σp); padding positions divide by 1.
+        weight = g / tl.where(valid, _class_sum(p), 1.0)
+        dl = tl.where(c == _per_class(target), _per_class(g), 0.0) - p * _per_class(weight)
+        tl.store(dl_rows + c, dl.to(dl_ptr.dtype.element_ty), mask=mask)
+    else:
+        top = tl.full((BLOCK_R, BLOCK_E), float("-inf"), ACC)
+        total = tl.zeros((BLOCK_R, BLOCK_E), dtype=ACC)
+        for c_start in range(0, C, BLOCK_C):
+            l = tl.load(l_rows + tl.cast(c_start, tl.int64) * stride_lc + c * stride_lc,
+                        mask=_per_class(valid) & (c < C - c_start), other=float("-inf"))
+            l = l.to(ACC)
+            new_top = tl.maximum(top, _class_max(l))
+            shift = tl.where(new_top == float("-inf"), 0.0, new_top)
+            total = total * tl.exp(top - shift) + _class_sum(tl.exp(l - _per_class(shift)))
+            top = new_top
+        lse = _per_class(top + tl.log(tl.where(valid, total, 1.0)))
+        for c_start in range(0, C, BLOCK_C):
+            mask = _per_class(valid) & (c < C - c_start)
+            l = tl.load(l_rows + tl.cast(c_start, tl.int64) * stride_lc + c * stride_lc,
+                        mask=mask, other=0.0).to(ACC)
+            onehot = tl.where(c == _per_class(target - c_start), 1.0, 0.0)
+            dl = _per_class(g) * (onehot - tl.exp(l - lse))
+            tl.store(dl_rows + c_start + c, dl.to(dl_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------- launchers
@@ -371,11 +453,26 @@ def laplace_log_prob_backward(grad, loc, log_scale, x, min_scale):
     return _elementwise_backward(LAPLACE, grad, loc, log_scale, x, min_scale)
 
 
-def _categorical_blocks(E: int, C: int) -> tuple[int, int]:
+# Lanes along the fast class axis: a warp's load covers 4 positions x 8 consecutive classes.
+_CLASS_LANES = 8
+
+
+def _categorical_blocks(B: int, E: int, C: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_R, BLOCK_E, BLOCK_CH, BLOCK_CL)``: all classes in one chunk of
+    ``BLOCK_CH·BLOCK_CL`` up to 1024 (more in chunks), as many positions as fit the element
+    budget, then as many rows b as fit, so a program moves several rows' logits at once."""
     budget = element_budget()
     block_c = min(next_power_of_2(C), 1024, budget)
+    block_cl = min(block_c, _CLASS_LANES)
     block_e = min(next_power_of_2(max(E, 1)), max(1, budget // block_c))
-    return block_e, block_c
+    block_r = min(next_power_of_2(B), max(1, budget // (block_e * block_c)))
+    return block_r, block_e, block_c // block_cl, block_cl
+
+
+def _needs_wide_offsets(blocks: tuple[int, ...], *strides: tuple[int, ...]) -> bool:
+    """Whether a tile's offsets from its program's base, Σ (block − 1)·stride per tensor, can
+    pass int32 (each ``strides`` a tensor's strides along the tile's axes, as ``blocks``)."""
+    return any(sum((n - 1) * abs(s) for n, s in zip(blocks, st)) >= 2 ** 31 for st in strides)
 
 
 def categorical_log_prob_forward(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -389,11 +486,15 @@ def categorical_log_prob_forward(logits: torch.Tensor, target: torch.Tensor) -> 
     if E == 0:
         return out.zero_()
     t = target.reshape(B, -1)
-    block_e, block_c = _categorical_blocks(E, C)
-    _categorical_forward_kernel[(K * B,)](
-        l, t, out, B, E, C, *l.stride(), *t.stride(),
-        ACC=acc_dtype(logits.dtype), BLOCK_E=block_e, BLOCK_C=block_c,
-        num_warps=num_warps(block_e * block_c))
+    block_r, block_e, block_ch, block_cl = _categorical_blocks(B, E, C)
+    blocks = (block_r, block_e, block_ch * block_cl)
+    row_blocks = cdiv(B, block_r)
+    _categorical_forward_kernel[(K * row_blocks,)](
+        l, t, out, B, E, C, row_blocks, *l.stride(), *t.stride(),
+        ACC=acc_dtype(logits.dtype), BLOCK_R=block_r, BLOCK_E=block_e, BLOCK_CH=block_ch,
+        BLOCK_CL=block_cl, ONE_CHUNK=C <= blocks[2],
+        WIDE=_needs_wide_offsets(blocks, l.stride()[1:], t.stride()),
+        num_warps=num_warps(block_r * block_e * blocks[2]))
     return out
 
 
@@ -408,10 +509,15 @@ def categorical_log_prob_backward(grad: torch.Tensor | None, logits: torch.Tenso
     if grad is None or dl.numel() == 0:
         return (dl.zero_(),)
     t = target.reshape(B, -1)
-    block_e, block_c = _categorical_blocks(E, C)
-    grid = (K * B, cdiv(E, block_e))
-    _categorical_backward_kernel[grid](
-        grad, l, t, dl, B, E, C, *grad.stride(), *l.stride(), *t.stride(),
-        ACC=acc_dtype(logits.dtype), BLOCK_E=block_e, BLOCK_C=block_c,
-        num_warps=num_warps(block_e * block_c))
+    d = dl.view(K, B, E, C)
+    block_r, block_e, block_ch, block_cl = _categorical_blocks(B, E, C)
+    blocks = (block_r, block_e, block_ch * block_cl)
+    row_blocks, e_blocks = cdiv(B, block_r), cdiv(E, block_e)
+    wide = _needs_wide_offsets(blocks, l.stride()[1:], t.stride(), d.stride()[1:])
+    _categorical_backward_kernel[(K * row_blocks * e_blocks,)](
+        grad, l, t, d, B, E, C, row_blocks, e_blocks, *grad.stride(), *l.stride(), *t.stride(),
+        *d.stride()[:3],
+        ACC=acc_dtype(logits.dtype), BLOCK_R=block_r, BLOCK_E=block_e, BLOCK_CH=block_ch,
+        BLOCK_CL=block_cl, ONE_CHUNK=C <= blocks[2], WIDE=wide,
+        num_warps=num_warps(block_r * block_e * blocks[2]))
     return (dl,)
