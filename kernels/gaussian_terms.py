@@ -26,8 +26,10 @@ detached: ``∂mu_s += g (z − mu_s) e^{−logvar_s}``,
 ``∂logvar_s += g ((z − mu_s)² e^{−logvar_s} − 1)/2`` and its z-derivative ``−g (z − mu_s) e^{−logvar_s}`` joins ``∂z`` of the full sample.
 
 Layout: a program owns a block of rows with the whole latent vector (d fits one tile) and loops
-over the K samples, so the sums over K of the parameter gradients stay in registers and no
-``[K, B, d]`` tensor is written besides the samples (and ε's gradient). The mixture works on
+over the K samples, BLOCK_K at a time: its tile has BLOCK_K × BLOCK_R lanes, one (sample, row)
+pair each. So the sums over K of the parameter gradients stay in registers (each lane sums its
+samples; the lanes are summed before the store) and no ``[K, B, d]`` tensor is written besides
+the samples (and ε's gradient), while BLOCK_K samples' loads are in flight at once. The mixture works on
 ``[rows, components, d]`` tiles; each program leaves its partial prior gradients in a small
 ``[programs, C, d]`` buffer that the launcher sums in a fixed order. Everything is
 deterministic: no atomics anywhere.
@@ -77,15 +79,32 @@ def _mixture_components(z, pmu, prec, const):
 
 
 @triton.jit
+def _lanes(BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """A tile's lanes: BLOCK_K samples × BLOCK_R rows, flattened as ``k_lane · BLOCK_R + r``.
+    Returns (k_lane, r) ``[BLOCK_K·BLOCK_R]``."""
+    lane = tl.arange(0, BLOCK_K * BLOCK_R)
+    return lane // BLOCK_R, lane % BLOCK_R
+
+
+@triton.jit
+def _sum_over_samples(x, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``[BLOCK_K·BLOCK_R, BLOCK_D]`` lanes -> ``[BLOCK_R, BLOCK_D]``, summed over the sample
+    lanes in a fixed order."""
+    return tl.sum(tl.reshape(x, (BLOCK_K, BLOCK_R, BLOCK_D)), axis=0)
+
+
+@triton.jit
 def _subset_forward_kernel(
     mu_ptr, lv_ptr, eps_ptr, pl_ptr, pmu_ptr, plv_ptr, z_ptr, q_ptr, p_ptr,
     K, R, D, C, rows_per_program,
     stride_mr, stride_md, stride_vr, stride_vd, stride_ek, stride_er, stride_ed,
     stride_pl, stride_pc, stride_pd, stride_qc, stride_qd,
-    MIXTURE: tl.constexpr, ACC: tl.constexpr,
+    MIXTURE: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """Program: rows_per_program rows, BLOCK_R at a time, the K samples BLOCK_K at a time."""
     first = tl.program_id(0).to(tl.int64) * rows_per_program
+    lane_k, lane_r = _lanes(BLOCK_K, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     valid_d = offs_d < D
     log_2pi_d = _log_2pi_times(D, ACC)
@@ -94,28 +113,32 @@ def _subset_forward_kernel(
                                                   stride_pc, stride_pd, stride_qc, stride_qd,
                                                   ACC, BLOCK_C, BLOCK_D)
     for r0 in range(0, rows_per_program, BLOCK_R):
-        offs_r = first + r0 + tl.arange(0, BLOCK_R)
-        valid_r = (offs_r < R) & (r0 + tl.arange(0, BLOCK_R) < rows_per_program)
+        offs_r = first + r0 + lane_r
+        valid_r = (offs_r < R) & (r0 + lane_r < rows_per_program)
         valid = valid_r[:, None] & valid_d[None, :]
+        # Every sample lane of a row loads the row's parameters (cache hits after the first).
         mu = _load_tile(mu_ptr, offs_r, offs_d, valid, stride_mr, stride_md, ACC)
         lv = _load_tile(lv_ptr, offs_r, offs_d, valid, stride_vr, stride_vd, ACC)
         sigma = tl.exp(0.5 * lv)
         q_const = log_2pi_d + tl.sum(lv, axis=1)
-        for k_step in range(0, K):
-            k = tl.cast(k_step, tl.int64)
-            eps = _load_tile(eps_ptr + k * stride_ek, offs_r, offs_d, valid, stride_er, stride_ed,
-                             ACC)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + lane_k.to(tl.int64)
+            valid_k = valid_r & (offs_k < K)
+            valid_kd = valid_k[:, None] & valid_d[None, :]
+            eps = _load_tile(eps_ptr + (offs_k * stride_ek)[:, None], offs_r, offs_d, valid_kd,
+                             stride_er, stride_ed, ACC)
             z = mu + sigma * eps
             # Outputs are contiguous: z [K, R, D], log-densities [K, R].
-            tl.store(z_ptr + (k * R + offs_r)[:, None] * D + offs_d[None, :],
-                     z.to(z_ptr.dtype.element_ty), mask=valid)
+            out_row = offs_k * R + offs_r
+            tl.store(z_ptr + out_row[:, None] * D + offs_d[None, :],
+                     z.to(z_ptr.dtype.element_ty), mask=valid_kd)
             log_q = -0.5 * (q_const + tl.sum(eps * eps, axis=1))
             if MIXTURE:
                 _, _, log_p = _mixture_components(z, pmu, prec, const)
             else:
                 log_p = -0.5 * (log_2pi_d + tl.sum(z * z, axis=1))
-            tl.store(q_ptr + k * R + offs_r, log_q.to(q_ptr.dtype.element_ty), mask=valid_r)
-            tl.store(p_ptr + k * R + offs_r, log_p.to(p_ptr.dtype.element_ty), mask=valid_r)
+            tl.store(q_ptr + out_row, log_q.to(q_ptr.dtype.element_ty), mask=valid_k)
+            tl.store(p_ptr + out_row, log_p.to(p_ptr.dtype.element_ty), mask=valid_k)
 
 
 @triton.jit
@@ -127,14 +150,16 @@ def _subset_backward_kernel(
     stride_mr, stride_md, stride_vr, stride_vd, stride_ek, stride_er, stride_ed,
     stride_pl, stride_pc, stride_pd, stride_qc, stride_qd,
     HAS_GZ: tl.constexpr, HAS_GQ: tl.constexpr, HAS_GP: tl.constexpr, STL: tl.constexpr,
-    MIXTURE: tl.constexpr, ACC: tl.constexpr,
+    MIXTURE: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Program: rows_per_program rows, BLOCK_R at a time, all K samples in order; with the
-    mixture prior and an upstream gradient of log p it also writes its partial prior gradients
-    (``[C]``, ``[C, D]``, ``[C, D]`` at slot ``pid``)."""
+    """Program: rows_per_program rows, BLOCK_R at a time, the K samples BLOCK_K at a time (each
+    sample lane sums its samples' parameter gradients; the lanes are summed at the end of the
+    row block); with the mixture prior and an upstream gradient of log p it also writes its
+    partial prior gradients (``[C]``, ``[C, D]``, ``[C, D]`` at slot ``pid``)."""
     pid = tl.program_id(0).to(tl.int64)
     first = pid * rows_per_program
+    lane_k, lane_r = _lanes(BLOCK_K, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     valid_d = offs_d < D
     offs_c = tl.arange(0, BLOCK_C)
@@ -146,33 +171,36 @@ def _subset_backward_kernel(
         part_plv = tl.zeros((BLOCK_C, BLOCK_D), dtype=ACC)
         part_pl = tl.zeros((BLOCK_C,), dtype=ACC)
     for r0 in range(0, rows_per_program, BLOCK_R):
-        offs_r = first + r0 + tl.arange(0, BLOCK_R)
-        valid_r = (offs_r < R) & (r0 + tl.arange(0, BLOCK_R) < rows_per_program)
+        offs_r = first + r0 + lane_r
+        valid_r = (offs_r < R) & (r0 + lane_r < rows_per_program)
         valid = valid_r[:, None] & valid_d[None, :]
         mu = _load_tile(mu_ptr, offs_r, offs_d, valid, stride_mr, stride_md, ACC)
         lv = _load_tile(lv_ptr, offs_r, offs_d, valid, stride_vr, stride_vd, ACC)
         sigma = tl.exp(0.5 * lv)
-        dmu = tl.zeros((BLOCK_R, BLOCK_D), dtype=ACC)
-        dlv = tl.zeros((BLOCK_R, BLOCK_D), dtype=ACC)
-        for k_step in range(0, K):
-            k = tl.cast(k_step, tl.int64)
-            eps = _load_tile(eps_ptr + k * stride_ek, offs_r, offs_d, valid, stride_er, stride_ed,
-                             ACC)
+        dmu = tl.zeros((BLOCK_K * BLOCK_R, BLOCK_D), dtype=ACC)
+        dlv = tl.zeros((BLOCK_K * BLOCK_R, BLOCK_D), dtype=ACC)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + lane_k.to(tl.int64)
+            valid_k = valid_r & (offs_k < K)
+            valid_kd = valid_k[:, None] & valid_d[None, :]
+            eps = _load_tile(eps_ptr + (offs_k * stride_ek)[:, None], offs_r, offs_d, valid_kd,
+                             stride_er, stride_ed, ACC)
             z = mu + sigma * eps
-            dz = tl.zeros((BLOCK_R, BLOCK_D), dtype=ACC)
+            dz = tl.zeros((BLOCK_K * BLOCK_R, BLOCK_D), dtype=ACC)
             if HAS_GZ:
-                dz += _load_tile(gz_ptr + k * stride_zk, offs_r, offs_d, valid, stride_zr,
-                                 stride_zd, ACC)
+                dz += _load_tile(gz_ptr + (offs_k * stride_zk)[:, None], offs_r, offs_d,
+                                 valid_kd, stride_zr, stride_zd, ACC)
             if HAS_GQ:
-                gq = tl.load(gq_ptr + k * stride_qk + offs_r * stride_qr, mask=valid_r,
+                gq = tl.load(gq_ptr + offs_k * stride_qk + offs_r * stride_qr, mask=valid_k,
                              other=0.0).to(ACC)[:, None]
                 dz -= gq * eps / sigma
             if HAS_GP:
-                gp = tl.load(gp_ptr + k * stride_pk + offs_r * stride_pr, mask=valid_r,
+                gp = tl.load(gp_ptr + offs_k * stride_pk + offs_r * stride_pr, mask=valid_k,
                              other=0.0).to(ACC)
                 if MIXTURE:
                     diff, comp, lse = _mixture_components(z, pmu, prec, const)
                     share = gp[:, None] * tl.exp(comp - lse[:, None])          # g_p ρ_c [R, C]
+                    share = tl.where(valid_k[:, None], share, 0.0)
                     scaled = diff * prec[None, :, :]                           # (z − m) e^{−λ}
                     dz -= tl.sum(share[:, :, None] * scaled, axis=1)
                     part_pmu += tl.sum(share[:, :, None] * scaled, axis=0)
@@ -180,17 +208,23 @@ def _subset_backward_kernel(
                     part_pl += tl.sum(share, axis=0) - weight * tl.sum(gp, axis=0)
                 else:
                     dz -= gp[:, None] * z
-            tl.store(deps_ptr + (k * R + offs_r)[:, None] * D + offs_d[None, :],
-                     (dz * sigma).to(deps_ptr.dtype.element_ty), mask=valid)
-            dmu += dz
-            dlv += 0.5 * dz * sigma * eps
+            tl.store(deps_ptr + (offs_k * R + offs_r)[:, None] * D + offs_d[None, :],
+                     (dz * sigma).to(deps_ptr.dtype.element_ty), mask=valid_kd)
+            # Lanes past K (or past the rows) add nothing, even where sigma overflowed.
+            dmu += tl.where(valid_kd, dz, 0.0)
+            dlv += tl.where(valid_kd, 0.5 * dz * sigma * eps, 0.0)
             if HAS_GQ:
                 if not STL:
-                    dmu += gq * eps / sigma
-                    dlv += gq * (0.5 * eps * eps - 0.5)
-        tile = offs_r[:, None] * D + offs_d[None, :]
-        tl.store(dmu_ptr + tile, dmu.to(dmu_ptr.dtype.element_ty), mask=valid)
-        tl.store(dlv_ptr + tile, dlv.to(dlv_ptr.dtype.element_ty), mask=valid)
+                    dmu += tl.where(valid_kd, gq * eps / sigma, 0.0)
+                    dlv += tl.where(valid_kd, gq * (0.5 * eps * eps - 0.5), 0.0)
+        offs_row = first + r0 + tl.arange(0, BLOCK_R)
+        valid_row = (offs_row < R) & (r0 + tl.arange(0, BLOCK_R) < rows_per_program)
+        keep = valid_row[:, None] & valid_d[None, :]
+        tile = offs_row[:, None] * D + offs_d[None, :]
+        tl.store(dmu_ptr + tile, _sum_over_samples(dmu, BLOCK_K, BLOCK_R, BLOCK_D)
+                 .to(dmu_ptr.dtype.element_ty), mask=keep)
+        tl.store(dlv_ptr + tile, _sum_over_samples(dlv, BLOCK_K, BLOCK_R, BLOCK_D)
+                 .to(dlv_ptr.dtype.element_ty), mask=keep)
     if MIXTURE and HAS_GP:
         valid_c = offs_c < C
         part = pid * C * D + offs_c[:, None] * D + offs_d[None, :]
@@ -229,12 +263,15 @@ def _full_forward_kernel(
     K, B, S, D,
     stride_fb, stride_fd, stride_gb, stride_gd, stride_ek, stride_eb, stride_ed,
     stride_sb, stride_ss, stride_sd, stride_tb, stride_ts, stride_td,
-    ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    """Program (b block, s block). The s block 0 also writes z and log q(z|x)."""
-    offs_b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    """Program (b block, s block), the K samples BLOCK_K at a time. The s block 0 also writes z
+    and log q(z|x)."""
+    lane_k, lane_b = _lanes(BLOCK_K, BLOCK_B)
+    offs_b = tl.program_id(0).to(tl.int64) * BLOCK_B + lane_b
     offs_s = tl.program_id(1).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
-    writes_full = (tl.zeros((BLOCK_B,), dtype=tl.int32) + tl.program_id(1)) == 0
+    writes_full = (tl.zeros((BLOCK_K * BLOCK_B,), dtype=tl.int32) + tl.program_id(1)) == 0
     offs_d = tl.arange(0, BLOCK_D)
     valid_b = offs_b < B
     valid_d = offs_d < D
@@ -250,19 +287,40 @@ def _full_forward_kernel(
                                        stride_sb, stride_ss, stride_sd, stride_tb, stride_ts,
                                        stride_td, ACC)
     qfs_const = log_2pi_d + tl.sum(lv_s, axis=2)
-    for k_step in range(0, K):
-        k = tl.cast(k_step, tl.int64)
-        eps = _load_tile(eps_ptr + k * stride_ek, offs_b, offs_d, valid, stride_eb, stride_ed, ACC)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + lane_k.to(tl.int64)
+        valid_k = valid_b & (offs_k < K)
+        valid_kd = valid_k[:, None] & valid_d[None, :]
+        eps = _load_tile(eps_ptr + (offs_k * stride_ek)[:, None], offs_b, offs_d, valid_kd,
+                         stride_eb, stride_ed, ACC)
         z = mu_f + sigma_f * eps
-        tl.store(z_ptr + (k * B + offs_b)[:, None] * D + offs_d[None, :],
-                 z.to(z_ptr.dtype.element_ty), mask=valid & writes_full[:, None])
+        out_row = offs_k * B + offs_b
+        tl.store(z_ptr + out_row[:, None] * D + offs_d[None, :], z.to(z_ptr.dtype.element_ty),
+                 mask=valid_kd & writes_full[:, None])
         log_qf = -0.5 * (qf_const + tl.sum(eps * eps, axis=1))
-        tl.store(qf_ptr + k * B + offs_b, log_qf.to(qf_ptr.dtype.element_ty),
-                 mask=valid_b & writes_full)
+        tl.store(qf_ptr + out_row, log_qf.to(qf_ptr.dtype.element_ty), mask=valid_k & writes_full)
         diff = z[:, None, :] - mu_s
         log_qfs = -0.5 * (qfs_const + tl.sum(diff * diff * prec_s, axis=2))
-        tl.store(qfs_ptr + (k * B + offs_b)[:, None] * S + offs_s[None, :],
-                 log_qfs.to(qfs_ptr.dtype.element_ty), mask=valid_bs)
+        tl.store(qfs_ptr + out_row[:, None] * S + offs_s[None, :],
+                 log_qfs.to(qfs_ptr.dtype.element_ty), mask=valid_k[:, None] & valid_bs)
+
+
+@triton.jit
+def _store_subset_grads(dmus_ptr, dlvs_ptr, dmu_s, dlv_s, rows, valid_rows, offs_s, S, offs_d, D,
+                        BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+    """Sum the lanes' ``[BLOCK_K·BLOCK_B, BLOCK_S, BLOCK_D]`` gradients over the sample lanes
+    (fixed order) and store them at rows ``[BLOCK_B]`` of the contiguous ``[B, S, D]``
+    gradients of mu_s and logvar_s."""
+    tile = (rows[:, None, None] * S + offs_s[None, :, None]) * D + offs_d[None, None, :]
+    keep = ((valid_rows[:, None] & (offs_s < S)[None, :])[:, :, None]
+            & (offs_d < D)[None, None, :])
+    dmu = tl.reshape(tl.sum(tl.reshape(dmu_s, (BLOCK_K, BLOCK_B * BLOCK_S, BLOCK_D)), axis=0),
+                     (BLOCK_B, BLOCK_S, BLOCK_D))
+    dlv = tl.reshape(tl.sum(tl.reshape(dlv_s, (BLOCK_K, BLOCK_B * BLOCK_S, BLOCK_D)), axis=0),
+                     (BLOCK_B, BLOCK_S, BLOCK_D))
+    tl.store(dmus_ptr + tile, dmu.to(dmus_ptr.dtype.element_ty), mask=keep)
+    tl.store(dlvs_ptr + tile, dlv.to(dlvs_ptr.dtype.element_ty), mask=keep)
 
 
 @triton.jit
@@ -274,10 +332,11 @@ def _full_backward_kernel(
     stride_fb, stride_fd, stride_gb, stride_gd, stride_ek, stride_eb, stride_ed,
     stride_sb, stride_ss, stride_sd, stride_tb, stride_ts, stride_td,
     HAS_GZ: tl.constexpr, HAS_GQF: tl.constexpr, HAS_GQFS: tl.constexpr, STL: tl.constexpr,
-    ONE_CHUNK: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Program: a block of rows b with all their subsets, K samples in order.
+    """Program: a block of rows b with all their subsets, the K samples BLOCK_K at a time (each
+    sample lane sums its samples' gradients; the lanes are summed before the stores).
 
     When the subsets fit one tile (ONE_CHUNK, the usual case), a single sweep over K does
     everything. Otherwise phase 1 sweeps the subsets a tile at a time (K inner), summing the
@@ -285,7 +344,9 @@ def _full_backward_kernel(
     summed over subsets, in ε's gradient buffer (this program's rows only); phase 2 turns the
     total z-derivative into the full-posterior gradients.
     """
-    offs_b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    lane_k, lane_b = _lanes(BLOCK_K, BLOCK_B)
+    first = tl.program_id(0).to(tl.int64) * BLOCK_B
+    offs_b = first + lane_b
     offs_d = tl.arange(0, BLOCK_D)
     valid_b = offs_b < B
     valid_d = offs_d < D
@@ -293,6 +354,9 @@ def _full_backward_kernel(
     mu_f = _load_tile(muf_ptr, offs_b, offs_d, valid, stride_fb, stride_fd, ACC)
     lv_f = _load_tile(lvf_ptr, offs_b, offs_d, valid, stride_gb, stride_gd, ACC)
     sigma_f = tl.exp(0.5 * lv_f)
+    # Stores of summed gradients address the block's rows once each, not once per lane.
+    rows = first + tl.arange(0, BLOCK_B)
+    valid_rows = rows < B
     # Gradients of mu_s / logvar_s are contiguous [B, S, D].
     if HAS_GQFS and not ONE_CHUNK:
         for s0 in range(0, S, BLOCK_S):
@@ -302,24 +366,27 @@ def _full_backward_kernel(
             mu_s, _, prec_s = _load_subsets(mus_ptr, lvs_ptr, offs_b, offs_s, offs_d, valid3,
                                             stride_sb, stride_ss, stride_sd, stride_tb,
                                             stride_ts, stride_td, ACC)
-            dmu_s = tl.zeros((BLOCK_B, BLOCK_S, BLOCK_D), dtype=ACC)
-            dlv_s = tl.zeros((BLOCK_B, BLOCK_S, BLOCK_D), dtype=ACC)
-            for k_step in range(0, K):
-                k = tl.cast(k_step, tl.int64)
-                eps = _load_tile(eps_ptr + k * stride_ek, offs_b, offs_d, valid, stride_eb,
-                                 stride_ed, ACC)
+            dmu_s = tl.zeros((BLOCK_K * BLOCK_B, BLOCK_S, BLOCK_D), dtype=ACC)
+            dlv_s = tl.zeros((BLOCK_K * BLOCK_B, BLOCK_S, BLOCK_D), dtype=ACC)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + lane_k.to(tl.int64)
+                valid_k = valid_b & (offs_k < K)
+                valid_kd = valid_k[:, None] & valid_d[None, :]
+                eps = _load_tile(eps_ptr + (offs_k * stride_ek)[:, None], offs_b, offs_d,
+                                 valid_kd, stride_eb, stride_ed, ACC)
                 z = mu_f + sigma_f * eps
-                g = tl.load(gqfs_ptr + k * stride_hk + offs_b[:, None] * stride_hb
-                            + offs_s[None, :] * stride_hs, mask=valid_bs, other=0.0).to(ACC)
-                d_mu, d_lv, d_z = _score_gradients(z, g, mu_s, prec_s, valid3)
+                valid_ks = valid_k[:, None] & valid_bs
+                g = tl.load(gqfs_ptr + offs_k[:, None] * stride_hk + offs_b[:, None] * stride_hb
+                            + offs_s[None, :] * stride_hs, mask=valid_ks, other=0.0).to(ACC)
+                d_mu, d_lv, d_z = _score_gradients(z, g, mu_s, prec_s,
+                                                   valid_ks[:, :, None] & valid_d[None, None, :])
                 dmu_s += d_mu
                 dlv_s += d_lv
-                here = deps_ptr + (k * B + offs_b)[:, None] * D + offs_d[None, :]
-                before = tl.load(here, mask=valid & (s0 > 0), other=0.0).to(ACC)
-                tl.store(here, (before + d_z).to(deps_ptr.dtype.element_ty), mask=valid)
-            tile = (offs_b[:, None, None] * S + offs_s[None, :, None]) * D + offs_d[None, None, :]
-            tl.store(dmus_ptr + tile, dmu_s.to(dmus_ptr.dtype.element_ty), mask=valid3)
-            tl.store(dlvs_ptr + tile, dlv_s.to(dlvs_ptr.dtype.element_ty), mask=valid3)
+                here = deps_ptr + (offs_k * B + offs_b)[:, None] * D + offs_d[None, :]
+                before = tl.load(here, mask=valid_kd & (s0 > 0), other=0.0).to(ACC)
+                tl.store(here, (before + d_z).to(deps_ptr.dtype.element_ty), mask=valid_kd)
+            _store_subset_grads(dmus_ptr, dlvs_ptr, dmu_s, dlv_s, rows, valid_rows, offs_s, S,
+                                offs_d, D, BLOCK_K, BLOCK_B, BLOCK_S, BLOCK_D)
         # Phase 2 reads back what phase 1 wrote to the same addresses.
         tl.debug_barrier()
     if HAS_GQFS and ONE_CHUNK:
@@ -329,67 +396,91 @@ def _full_backward_kernel(
         mu_s, _, prec_s = _load_subsets(mus_ptr, lvs_ptr, offs_b, offs_s, offs_d, valid3,
                                         stride_sb, stride_ss, stride_sd, stride_tb, stride_ts,
                                         stride_td, ACC)
-        dmu_s = tl.zeros((BLOCK_B, BLOCK_S, BLOCK_D), dtype=ACC)
-        dlv_s = tl.zeros((BLOCK_B, BLOCK_S, BLOCK_D), dtype=ACC)
-    dmu_f = tl.zeros((BLOCK_B, BLOCK_D), dtype=ACC)
-    dlv_f = tl.zeros((BLOCK_B, BLOCK_D), dtype=ACC)
-    for k_step in range(0, K):
-        k = tl.cast(k_step, tl.int64)
-        eps = _load_tile(eps_ptr + k * stride_ek, offs_b, offs_d, valid, stride_eb, stride_ed, ACC)
-        here = deps_ptr + (k * B + offs_b)[:, None] * D + offs_d[None, :]
-        dz = tl.zeros((BLOCK_B, BLOCK_D), dtype=ACC)
+        dmu_s = tl.zeros((BLOCK_K * BLOCK_B, BLOCK_S, BLOCK_D), dtype=ACC)
+        dlv_s = tl.zeros((BLOCK_K * BLOCK_B, BLOCK_S, BLOCK_D), dtype=ACC)
+    dmu_f = tl.zeros((BLOCK_K * BLOCK_B, BLOCK_D), dtype=ACC)
+    dlv_f = tl.zeros((BLOCK_K * BLOCK_B, BLOCK_D), dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + lane_k.to(tl.int64)
+        valid_k = valid_b & (offs_k < K)
+        valid_kd = valid_k[:, None] & valid_d[None, :]
+        eps = _load_tile(eps_ptr + (offs_k * stride_ek)[:, None], offs_b, offs_d, valid_kd,
+                         stride_eb, stride_ed, ACC)
+        here = deps_ptr + (offs_k * B + offs_b)[:, None] * D + offs_d[None, :]
+        dz = tl.zeros((BLOCK_K * BLOCK_B, BLOCK_D), dtype=ACC)
         if HAS_GQFS:
             if ONE_CHUNK:
                 z = mu_f + sigma_f * eps
-                g = tl.load(gqfs_ptr + k * stride_hk + offs_b[:, None] * stride_hb
-                            + offs_s[None, :] * stride_hs, mask=valid_bs, other=0.0).to(ACC)
-                d_mu, d_lv, d_z = _score_gradients(z, g, mu_s, prec_s, valid3)
+                valid_ks = valid_k[:, None] & valid_bs
+                g = tl.load(gqfs_ptr + offs_k[:, None] * stride_hk + offs_b[:, None] * stride_hb
+                            + offs_s[None, :] * stride_hs, mask=valid_ks, other=0.0).to(ACC)
+                d_mu, d_lv, d_z = _score_gradients(z, g, mu_s, prec_s,
+                                                   valid_ks[:, :, None] & valid_d[None, None, :])
                 dmu_s += d_mu
                 dlv_s += d_lv
                 dz += d_z
             else:
-                dz += tl.load(here, mask=valid, other=0.0).to(ACC)
+                dz += tl.load(here, mask=valid_kd, other=0.0).to(ACC)
         if HAS_GZ:
-            dz += _load_tile(gz_ptr + k * stride_zk, offs_b, offs_d, valid, stride_zb, stride_zd,
-                             ACC)
+            dz += _load_tile(gz_ptr + (offs_k * stride_zk)[:, None], offs_b, offs_d, valid_kd,
+                             stride_zb, stride_zd, ACC)
         if HAS_GQF:
-            gq = tl.load(gqf_ptr + k * stride_qk + offs_b * stride_qb, mask=valid_b,
+            gq = tl.load(gqf_ptr + offs_k * stride_qk + offs_b * stride_qb, mask=valid_k,
                          other=0.0).to(ACC)[:, None]
             dz -= gq * eps / sigma_f
             if not STL:
-                dmu_f += gq * eps / sigma_f
-                dlv_f += gq * (0.5 * eps * eps - 0.5)
-        tl.store(here, (dz * sigma_f).to(deps_ptr.dtype.element_ty), mask=valid)
-        dmu_f += dz
-        dlv_f += 0.5 * dz * sigma_f * eps
-    tile = offs_b[:, None] * D + offs_d[None, :]
-    tl.store(dmuf_ptr + tile, dmu_f.to(dmuf_ptr.dtype.element_ty), mask=valid)
-    tl.store(dlvf_ptr + tile, dlv_f.to(dlvf_ptr.dtype.element_ty), mask=valid)
+                dmu_f += tl.where(valid_kd, gq * eps / sigma_f, 0.0)
+                dlv_f += tl.where(valid_kd, gq * (0.5 * eps * eps - 0.5), 0.0)
+        tl.store(here, (dz * sigma_f).to(deps_ptr.dtype.element_ty), mask=valid_kd)
+        # Lanes past K (or past B) add nothing, even where sigma overflowed.
+        dmu_f += tl.where(valid_kd, dz, 0.0)
+        dlv_f += tl.where(valid_kd, 0.5 * dz * sigma_f * eps, 0.0)
+    keep = valid_rows[:, None] & valid_d[None, :]
+    tile = rows[:, None] * D + offs_d[None, :]
+    tl.store(dmuf_ptr + tile, _sum_over_samples(dmu_f, BLOCK_K, BLOCK_B, BLOCK_D)
+             .to(dmuf_ptr.dtype.element_ty), mask=keep)
+    tl.store(dlvf_ptr + tile, _sum_over_samples(dlv_f, BLOCK_K, BLOCK_B, BLOCK_D)
+             .to(dlvf_ptr.dtype.element_ty), mask=keep)
     if HAS_GQFS and ONE_CHUNK:
-        tile = (offs_b[:, None, None] * S + offs_s[None, :, None]) * D + offs_d[None, None, :]
-        tl.store(dmus_ptr + tile, dmu_s.to(dmus_ptr.dtype.element_ty), mask=valid3)
-        tl.store(dlvs_ptr + tile, dlv_s.to(dlvs_ptr.dtype.element_ty), mask=valid3)
+        _store_subset_grads(dmus_ptr, dlvs_ptr, dmu_s, dlv_s, rows, valid_rows, offs_s, S,
+                            offs_d, D, BLOCK_K, BLOCK_B, BLOCK_S, BLOCK_D)
 
 
 # ------------------------------------------------------------------------------- launchers
 
-def _subset_blocks(R: int, D: int, C: int, mixture: bool) -> tuple[int, int, int, int]:
-    """BLOCK_R, BLOCK_D, BLOCK_C and rows per program.
+# Samples a program works on at once (its sample lanes). The sums over K stay inside a program,
+# deterministic with no partial buffers, so on the GPU the bytes in flight are rows × lanes:
+# with one sample at a time only ~R·d·4 bytes are (0.3 MB at B = 4096, d = 20), too few to
+# cover the memory latency; an H100 needs a few MB in flight.
+MAX_BLOCK_K = 8
 
-    The tile holds whole latent vectors (and every mixture component). On the GPU rows are
-    spread thin enough to give ~1024 programs (each loops over K), within a register budget;
-    the interpreter takes the largest tiles the budget allows (few programs).
+
+def _lane_blocks(K: int, rows: int, lanes: int) -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_ROWS) for a tile of ``lanes`` (sample, row) pairs: samples first (up
+    to MAX_BLOCK_K), then rows; on the GPU rows stay few enough to leave ~1024 programs."""
+    block_k = min(next_power_of_2(max(K, 1)), max(1, lanes), MAX_BLOCK_K)
+    block_rows = min(next_power_of_2(max(rows, 1)), max(1, lanes // block_k))
+    if not triton_interpreting():
+        block_rows = min(block_rows, max(1, next_power_of_2(rows) // 1024))
+    return block_k, block_rows
+
+
+def _subset_blocks(R: int, D: int, C: int, mixture: bool, K: int
+                   ) -> tuple[int, int, int, int, int]:
+    """BLOCK_K, BLOCK_R, BLOCK_D, BLOCK_C and rows per program.
+
+    The tile holds whole latent vectors (and every mixture component) for BLOCK_K samples of
+    BLOCK_R rows, within a register budget on the GPU (:func:`_lane_blocks`); the interpreter
+    takes the largest tiles the budget allows (few programs).
     """
     budget = element_budget()
     block_d = next_power_of_2(max(D, 1))
     block_c = next_power_of_2(max(C, 1)) if mixture else 1
-    block_r = min(next_power_of_2(max(R, 1)), max(1, budget // (block_d * block_c)))
-    if not triton_interpreting():
-        block_r = min(block_r, max(1, next_power_of_2(R) // 1024))
+    block_k, block_r = _lane_blocks(K, R, budget // (block_d * block_c))
     blocks = cdiv(R, block_r)
     # The mixture leaves one [C, D] partial per program: bound the number of programs.
     programs = min(blocks, 64 if triton_interpreting() else 1024) if mixture else blocks
-    return block_r, block_d, block_c, cdiv(blocks, programs) * block_r
+    return block_k, block_r, block_d, block_c, cdiv(blocks, programs) * block_r
 
 
 def _rows(mu_s: torch.Tensor, eps_s: torch.Tensor):
@@ -424,14 +515,14 @@ def gaussian_subset_terms_forward(mu_s, logvar_s, eps_s, prior_logits, prior_mu,
         return z, log_q, log_p
     mixture = prior_logits is not None
     pl, pmu, plv, C, spl, spm, spv = _prior_args(prior_logits, prior_mu, prior_logvar, mu)
-    block_r, block_d, block_c, per_program = _subset_blocks(R, D, C, mixture)
+    block_k, block_r, block_d, block_c, per_program = _subset_blocks(R, D, C, mixture, K)
     grid = (cdiv(R, per_program),)
     _subset_forward_kernel[grid](
         mu, lv, eps, pl, pmu, plv, z, log_q, log_p, K, R, D, C, per_program,
         *mu.stride(), *lv.stride(), *eps.stride(), *spl, *spm, *spv,
         MIXTURE=mixture, ACC=acc_dtype(eps_s.dtype),
-        BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_C=block_c,
-        num_warps=num_warps(block_r * block_d * block_c))
+        BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_C=block_c,
+        num_warps=num_warps(block_k * block_r * block_d * block_c))
     return z, log_q, log_p
 
 
@@ -450,9 +541,10 @@ def gaussian_subset_terms_backward(grad_z, grad_q, grad_p, mu_s, logvar_s, eps_s
     """
     K = eps_s.shape[0]
     mixture = prior_logits is not None
-    dmu = torch.zeros(mu_s.shape, dtype=mu_s.dtype, device=mu_s.device)
-    dlv = torch.zeros(mu_s.shape, dtype=mu_s.dtype, device=mu_s.device)
-    deps = torch.zeros(eps_s.shape, dtype=eps_s.dtype, device=eps_s.device)
+    # The kernel writes every element of these (no memset launches when it runs).
+    dmu = torch.empty(mu_s.shape, dtype=mu_s.dtype, device=mu_s.device)
+    dlv = torch.empty(mu_s.shape, dtype=mu_s.dtype, device=mu_s.device)
+    deps = torch.empty(eps_s.shape, dtype=eps_s.dtype, device=eps_s.device)
     if mixture:
         dpl, dpmu, dplv = (torch.zeros_like(t, memory_format=torch.contiguous_format)
                            for t in (prior_logits, prior_mu, prior_logvar))
@@ -462,12 +554,12 @@ def gaussian_subset_terms_backward(grad_z, grad_q, grad_p, mu_s, logvar_s, eps_s
     lv = logvar_s.reshape(mu.shape)
     R, D = mu.shape
     if K * R == 0 or (grad_z is None and grad_q is None and grad_p is None):
-        return dmu, dlv, deps, dpl, dpmu, dplv
+        return dmu.zero_(), dlv.zero_(), deps.zero_(), dpl, dpmu, dplv
     gz = grad_z.reshape(eps.shape) if grad_z is not None else None
     gq = grad_q.reshape(K, R) if grad_q is not None else None
     gp = grad_p.reshape(K, R) if grad_p is not None else None
     pl, pmu, plv, C, spl, spm, spv = _prior_args(prior_logits, prior_mu, prior_logvar, mu)
-    block_r, block_d, block_c, per_program = _subset_blocks(R, D, C, mixture)
+    block_k, block_r, block_d, block_c, per_program = _subset_blocks(R, D, C, mixture, K)
     programs = cdiv(R, per_program)
     acc = torch_acc_dtype(mu_s.dtype)
     if mixture and gp is not None:
@@ -485,8 +577,8 @@ def gaussian_subset_terms_backward(grad_z, grad_q, grad_p, mu_s, logvar_s, eps_s
         *mu.stride(), *lv.stride(), *eps.stride(), *spl, *spm, *spv,
         HAS_GZ=gz is not None, HAS_GQ=gq is not None, HAS_GP=gp is not None, STL=bool(stl),
         MIXTURE=mixture, ACC=acc_dtype(mu_s.dtype),
-        BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_C=block_c,
-        num_warps=num_warps(block_r * block_d * block_c))
+        BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_C=block_c,
+        num_warps=num_warps(block_k * block_r * block_d * block_c))
     if mixture and gp is not None:
         # A fixed-order sum over the programs' partials: deterministic.
         dpl = part_pl.sum(0).to(prior_logits.dtype)
@@ -501,12 +593,14 @@ def _subset_view(mu_s: torch.Tensor) -> tuple[torch.Tensor, int]:
     return view, view.shape[1]
 
 
-def _full_blocks(S: int, D: int, B: int) -> tuple[int, int, int]:
+def _full_blocks(S: int, D: int, B: int, K: int) -> tuple[int, int, int, int]:
+    """BLOCK_K, BLOCK_B, BLOCK_S, BLOCK_D: a tile of BLOCK_S subsets (all of them when they fit
+    the budget) for BLOCK_K samples of BLOCK_B rows (:func:`_lane_blocks`)."""
     budget = element_budget()
     block_d = next_power_of_2(max(D, 1))
     block_s = min(next_power_of_2(max(S, 1)), max(1, budget // block_d))
-    block_b = min(next_power_of_2(max(B, 1)), max(1, budget // (block_s * block_d)))
-    return block_b, block_s, block_d
+    block_k, block_b = _lane_blocks(K, B, budget // (block_s * block_d))
+    return block_k, block_b, block_s, block_d
 
 
 def gaussian_full_terms_forward(mu_f, logvar_f, eps_f, mu_s, logvar_s, stl: bool):
@@ -525,13 +619,13 @@ def gaussian_full_terms_forward(mu_f, logvar_f, eps_f, mu_s, logvar_s, stl: bool
     lvs, _ = _subset_view(logvar_s)
     if K * B == 0:
         return z, log_qf, log_qfs
-    block_b, block_s, block_d = _full_blocks(S, D, B)
+    block_k, block_b, block_s, block_d = _full_blocks(S, D, B, K)
     grid = (cdiv(B, block_b), max(1, cdiv(S, block_s)))
     _full_forward_kernel[grid](
         mu_f, logvar_f, eps_f, mus, lvs, z, log_qf, log_qfs, K, B, S, D,
         *mu_f.stride(), *logvar_f.stride(), *eps_f.stride(), *mus.stride(), *lvs.stride(),
-        ACC=acc_dtype(eps_f.dtype), BLOCK_B=block_b, BLOCK_S=block_s, BLOCK_D=block_d,
-        num_warps=num_warps(block_b * block_s * block_d))
+        ACC=acc_dtype(eps_f.dtype), BLOCK_K=block_k, BLOCK_B=block_b, BLOCK_S=block_s,
+        BLOCK_D=block_d, num_warps=num_warps(block_k * block_b * block_s * block_d))
     return z, log_qf, log_qfs
 
 
@@ -543,17 +637,21 @@ def gaussian_full_terms_backward(grad_z, grad_qf, grad_qfs, mu_f, logvar_f, eps_
     dtype.
     """
     K, B, D = eps_f.shape
-    dmuf = torch.zeros(mu_f.shape, dtype=mu_f.dtype, device=mu_f.device)
-    dlvf = torch.zeros(mu_f.shape, dtype=mu_f.dtype, device=mu_f.device)
-    deps = torch.zeros(eps_f.shape, dtype=eps_f.dtype, device=eps_f.device)
-    dmus = torch.zeros(mu_s.shape, dtype=mu_s.dtype, device=mu_s.device)
-    dlvs = torch.zeros(mu_s.shape, dtype=mu_s.dtype, device=mu_s.device)
+    # The kernel writes every element of these, and of the subset gradients when grad_qfs
+    # reaches it (no memset launches when it runs).
+    dmuf = torch.empty(mu_f.shape, dtype=mu_f.dtype, device=mu_f.device)
+    dlvf = torch.empty(mu_f.shape, dtype=mu_f.dtype, device=mu_f.device)
+    deps = torch.empty(eps_f.shape, dtype=eps_f.dtype, device=eps_f.device)
+    dmus = torch.empty(mu_s.shape, dtype=mu_s.dtype, device=mu_s.device)
+    dlvs = torch.empty(mu_s.shape, dtype=mu_s.dtype, device=mu_s.device)
     if K * B == 0 or (grad_z is None and grad_qf is None and grad_qfs is None):
-        return dmuf, dlvf, deps, dmus, dlvs
+        return dmuf.zero_(), dlvf.zero_(), deps.zero_(), dmus.zero_(), dlvs.zero_()
+    if grad_qfs is None:
+        dmus.zero_(), dlvs.zero_()
     mus, S = _subset_view(mu_s)
     lvs, _ = _subset_view(logvar_s)
     gqfs = grad_qfs.reshape(K, B, S) if grad_qfs is not None else None
-    block_b, block_s, block_d = _full_blocks(S, D, B)
+    block_k, block_b, block_s, block_d = _full_blocks(S, D, B, K)
     _full_backward_kernel[(cdiv(B, block_b),)](
         grad_z if grad_z is not None else eps_f, grad_qf if grad_qf is not None else eps_f,
         gqfs if gqfs is not None else eps_f, mu_f, logvar_f, eps_f, mus, lvs,
@@ -562,6 +660,6 @@ def gaussian_full_terms_backward(grad_z, grad_qf, grad_qfs, mu_f, logvar_f, eps_
         *mu_f.stride(), *logvar_f.stride(), *eps_f.stride(), *mus.stride(), *lvs.stride(),
         HAS_GZ=grad_z is not None, HAS_GQF=grad_qf is not None, HAS_GQFS=gqfs is not None,
         STL=bool(stl), ONE_CHUNK=S <= block_s, ACC=acc_dtype(eps_f.dtype),
-        BLOCK_B=block_b, BLOCK_S=block_s, BLOCK_D=block_d,
-        num_warps=num_warps(block_b * block_s * block_d))
+        BLOCK_K=block_k, BLOCK_B=block_b, BLOCK_S=block_s, BLOCK_D=block_d,
+        num_warps=num_warps(block_k * block_b * block_s * block_d))
     return dmuf, dlvf, deps, dmus, dlvs

@@ -134,8 +134,26 @@ def test_mixture_component_counts(C):
 def test_wide_bank_spans_several_subset_chunks(small_tiles):
     """S = 9 subsets of d = 17 against a 64-element tile: 5 chunks of 2 in the full backward."""
     leaf = make(3, 2, 9, 17, seed=15)
-    assert kernel._full_blocks(9, 17, 2)[1] < 9
+    assert kernel._full_blocks(9, 17, 2, 3)[2] < 9   # BLOCK_S
     compare(leaf, stl=True, seed=16)
+
+
+@pytest.mark.parametrize("stl", [True, False])
+@pytest.mark.parametrize("C", [None, 3])
+@pytest.mark.parametrize("subset_tiles,full_tiles", [
+    ((4, 2, 8, 4, 4), (4, 2, 4, 8)),   # 4 sample lanes, K = 5: a partial lane block; S split
+    ((2, 4, 8, 4, 8), (8, 1, 16, 8)),  # more lanes than samples; every subset in one chunk
+    ((1, 1, 8, 4, 3), (1, 2, 2, 8)),   # one sample at a time; many subset chunks
+])
+def test_sample_lanes(monkeypatch, subset_tiles, full_tiles, C, stl):
+    """Explicit tilings of BLOCK_K samples × rows: the lanes' parameter gradients are summed
+    over the samples before their store (and over the subset chunks of a wide bank), rows
+    per program exceed BLOCK_R and leave a partial last block, lanes run past K and B."""
+    block_k, block_r, block_d, block_c, per_program = subset_tiles
+    monkeypatch.setattr(kernel, "_subset_blocks", lambda R, D, C_, mixture, K: (
+        block_k, block_r, block_d, block_c if mixture else 1, per_program))
+    monkeypatch.setattr(kernel, "_full_blocks", lambda S, D, B, K: full_tiles)
+    compare(make(5, 3, 9, 5, C, seed=90), stl=stl, seed=91)
 
 
 @pytest.mark.parametrize("used", ["z_s", "log_q_s", "log_p_s", "z_full", "log_q_full",
@@ -148,7 +166,7 @@ def test_gradient_through_one_output(used):
 def test_many_programs_sum_their_prior_partials(small_tiles):
     """12 rows of d = 3 with 5 components: several programs write partial prior gradients."""
     leaf = make(2, 12, None, 3, C=5, full=False, seed=19)
-    *_, per_program = kernel._subset_blocks(12, 3, 5, True)
+    *_, per_program = kernel._subset_blocks(12, 3, 5, True, 2)
     assert per_program < 12
     compare(leaf, stl=False, seed=20)
 
