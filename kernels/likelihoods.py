@@ -183,6 +183,32 @@ def _index(n: tl.constexpr, WIDE: tl.constexpr):
 
 
 @triton.jit
+def _tile_coordinates(BLOCK_CH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+                      BLOCK_CL: tl.constexpr, WIDE: tl.constexpr):
+    """Row b, position e (each ``[X, 1]``) and class c (``[X, BLOCK_CL]``) of a tile read as
+    ``[X, BLOCK_CL]``, X = BLOCK_CH·BLOCK_R·BLOCK_E rows ordered (ch, r, e), c = ch·BLOCK_CL + cl.
+
+    Read in two dimensions, the class lanes are the only contiguous axis, so every Triton
+    version lays the load out alike: BLOCK_CL lanes along cl, the other lanes and the warps
+    along positions (r, e), and each thread's BLOCK_CH classes of a position in registers. (A
+    4-d load ties three non-contiguous axes, and Triton 3.6 and 3.9 break the tie differently:
+    3.6 put the lanes along ch, the classes, and its class reductions back on warp shuffles.)
+    """
+    x = _index(BLOCK_CH * BLOCK_R * BLOCK_E, WIDE)[:, None]
+    ch = x // (BLOCK_R * BLOCK_E)
+    c = ch * BLOCK_CL + _index(BLOCK_CL, WIDE)[None, :]
+    return x // BLOCK_E % BLOCK_R, x % BLOCK_E, c
+
+
+@triton.jit
+def _as_tile(x, BLOCK_CH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+             BLOCK_CL: tl.constexpr):
+    """``[X, BLOCK_CL] -> [BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL]`` (a view of the same
+    registers: the rows are ordered (ch, r, e))."""
+    return tl.reshape(x, (BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL))
+
+
+@triton.jit
 def _class_max(x):
     """``[BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL] -> [BLOCK_R, BLOCK_E]``: max over the classes."""
     return tl.max(tl.max(x, axis=0), axis=2)
@@ -217,32 +243,33 @@ def _categorical_forward_kernel(
     BLOCK_CL: tl.constexpr, ONE_CHUNK: tl.constexpr, WIDE: tl.constexpr,
 ):
     """One program: BLOCK_R rows b of one sample k, positions in BLOCK_E chunks (one when
-    E <= BLOCK_E). A tile is ``[BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL]`` with class
-    ``c = ch·BLOCK_CL + cl``: the fast ``cl`` axis keeps loads coalesced while each thread holds
-    BLOCK_CH classes of a position, so the class reductions are mostly in-thread rather than
-    one warp shuffle per class. ONE_CHUNK (C <= BLOCK_CH·BLOCK_CL): classes read once, the
-    target logit selected from the tile; otherwise chunks with an online log-sum-exp (running
-    max and rescaled sum)."""
+    E <= BLOCK_E), a ``[BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL]`` tile of (class, b, e, class)
+    at a time (see :func:`_tile_coordinates`): the class reductions are mostly in-thread.
+    ONE_CHUNK (C <= BLOCK_CH·BLOCK_CL): the classes are read once and the target logit is
+    selected from the tile; otherwise class chunks with an online log-sum-exp (running max and
+    rescaled sum)."""
     BLOCK_C: tl.constexpr = BLOCK_CH * BLOCK_CL
     pid = tl.program_id(0)
     k = (pid // row_blocks).to(tl.int64)
     b0 = (pid % row_blocks).to(tl.int64) * BLOCK_R
+    rows = tl.minimum(B - b0, BLOCK_R).to(tl.int32)
     r = _index(BLOCK_R, WIDE)
     e = _index(BLOCK_E, WIDE)
-    c = _index(BLOCK_CH, WIDE)[:, None, None, None] * BLOCK_CL + _index(BLOCK_CL, WIDE)[None, None, None, :]
-    valid_r = r < tl.minimum(B - b0, BLOCK_R).to(tl.int32)
-    l_rows = l_ptr + k * stride_lk + b0 * stride_lb
-    positions = _per_class(r[:, None] * stride_lb + e[None, :] * stride_le)
+    tile_r, tile_e, tile_c = _tile_coordinates(BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
+    c = _as_tile(tile_c, BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL)
+    l_rows = l_ptr + k * stride_lk + b0 * stride_lb + (tile_r * stride_lb + tile_e * stride_le)
     acc = tl.zeros((BLOCK_R, BLOCK_E), dtype=ACC)
     for e_start in range(0, E, BLOCK_E):
         e0 = tl.cast(e_start, tl.int64)
-        valid = valid_r[:, None] & (e < tl.minimum(E - e0, BLOCK_E).to(tl.int32))[None, :]
+        positions = tl.minimum(E - e0, BLOCK_E).to(tl.int32)
+        valid = (r < rows)[:, None] & (e < positions)[None, :]
+        tile_valid = (tile_r < rows) & (tile_e < positions)
         target = _categorical_targets(t_ptr, b0, e0, r, e, valid, C, stride_tb, stride_te)
         l_pos = l_rows + e0 * stride_le
         if ONE_CHUNK:
-            l = tl.load(l_pos + positions + c * stride_lc, mask=_per_class(valid) & (c < C),
+            l = tl.load(l_pos + tile_c * stride_lc, mask=tile_valid & (tile_c < C),
                         other=float("-inf"))
-            l = l.to(ACC)
+            l = _as_tile(l, BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL).to(ACC)
             top = _class_max(l)
             shift = tl.where(top == float("-inf"), 0.0, top)
             total = _class_sum(tl.exp(l - _per_class(shift)))
@@ -252,10 +279,9 @@ def _categorical_forward_kernel(
             total = tl.zeros((BLOCK_R, BLOCK_E), dtype=ACC)
             picked = tl.zeros((BLOCK_R, BLOCK_E), dtype=ACC)
             for c_start in range(0, C, BLOCK_C):
-                l = tl.load(l_pos + tl.cast(c_start, tl.int64) * stride_lc + positions
-                            + c * stride_lc,
-                            mask=_per_class(valid) & (c < C - c_start), other=float("-inf"))
-                l = l.to(ACC)
+                l = tl.load(l_pos + tl.cast(c_start, tl.int64) * stride_lc + tile_c * stride_lc,
+                            mask=tile_valid & (tile_c < C - c_start), other=float("-inf"))
+                l = _as_tile(l, BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL).to(ACC)
                 new_top = tl.maximum(top, _class_max(l))
                 shift = tl.where(new_top == float("-inf"), 0.0, new_top)
                 total = total * tl.exp(top - shift) + _class_sum(tl.exp(l - _per_class(shift)))
@@ -266,7 +292,7 @@ def _categorical_forward_kernel(
         log_p = tl.where(target >= 0, log_p, float("nan"))
         acc += tl.where(valid, log_p, 0.0)
     tl.store(out_ptr + k * B + b0 + r, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty),
-             mask=valid_r)
+             mask=r < rows)
 
 
 @triton.jit
@@ -278,8 +304,8 @@ def _categorical_backward_kernel(
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_CH: tl.constexpr,
     BLOCK_CL: tl.constexpr, ONE_CHUNK: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """One program: a ``[BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL]`` tile of one sample k (classes
-    as in the forward), writing ``g (onehot − softmax)`` into the contiguous ``[K, B, E, C]``
+    """One program: a tile of BLOCK_R rows b and BLOCK_E positions of one sample k (laid out as
+    in the forward), writing ``g (onehot − softmax)`` into the contiguous ``[K, B, E, C]``
     gradient. ONE_CHUNK: the tile is read once and its exponentials serve both the normaliser
     and the gradient; otherwise a log-sum-exp pass over class chunks, then a gradient pass."""
     BLOCK_C: tl.constexpr = BLOCK_CH * BLOCK_CL
@@ -288,47 +314,54 @@ def _categorical_backward_kernel(
     rest = pid // e_blocks
     k = (rest // row_blocks).to(tl.int64)
     b0 = (rest % row_blocks).to(tl.int64) * BLOCK_R
+    rows = tl.minimum(B - b0, BLOCK_R).to(tl.int32)
+    positions = tl.minimum(E - e0, BLOCK_E).to(tl.int32)
     r = _index(BLOCK_R, WIDE)
     e = _index(BLOCK_E, WIDE)
-    c = _index(BLOCK_CH, WIDE)[:, None, None, None] * BLOCK_CL + _index(BLOCK_CL, WIDE)[None, None, None, :]
-    valid_r = r < tl.minimum(B - b0, BLOCK_R).to(tl.int32)
-    valid = valid_r[:, None] & (e < tl.minimum(E - e0, BLOCK_E).to(tl.int32))[None, :]
-    g = tl.load(g_ptr + k * stride_gk + b0 * stride_gb + r * stride_gb, mask=valid_r,
+    valid = (r < rows)[:, None] & (e < positions)[None, :]
+    tile_r, tile_e, tile_c = _tile_coordinates(BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
+    tile_valid = (tile_r < rows) & (tile_e < positions)
+    c = _as_tile(tile_c, BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL)
+    g = tl.load(g_ptr + k * stride_gk + b0 * stride_gb + r * stride_gb, mask=r < rows,
                 other=0.0).to(ACC)[:, None]
     target = _categorical_targets(t_ptr, b0, e0, r, e, valid, C, stride_tb, stride_te)
-    l_pos = l_ptr + k * stride_lk + b0 * stride_lb + e0 * stride_le
-    l_rows = l_pos + _per_class(r[:, None] * stride_lb + e[None, :] * stride_le)
-    dl_pos = dl_ptr + k * stride_dk + b0 * stride_db + e0 * stride_de
-    dl_rows = dl_pos + _per_class(r[:, None] * stride_db + e[None, :] * stride_de)
+    l_rows = (l_ptr + k * stride_lk + b0 * stride_lb + e0 * stride_le
+              + (tile_r * stride_lb + tile_e * stride_le))
+    dl_rows = (dl_ptr + k * stride_dk + b0 * stride_db + e0 * stride_de
+               + (tile_r * stride_db + tile_e * stride_de))
     if ONE_CHUNK:
-        mask = _per_class(valid) & (c < C)
-        l = tl.load(l_rows + c * stride_lc, mask=mask, other=float("-inf")).to(ACC)
+        mask = tile_valid & (tile_c < C)
+        l = tl.load(l_rows + tile_c * stride_lc, mask=mask, other=float("-inf"))
+        l = _as_tile(l, BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL).to(ACC)
         top = _class_max(l)
         shift = tl.where(top == float("-inf"), 0.0, top)
         p = tl.exp(l - _per_class(shift))
         # One division per position, softmax·g = p·(g / Σp); padding positions divide by 1.
         weight = g / tl.where(valid, _class_sum(p), 1.0)
         dl = tl.where(c == _per_class(target), _per_class(g), 0.0) - p * _per_class(weight)
-        tl.store(dl_rows + c, dl.to(dl_ptr.dtype.element_ty), mask=mask)
+        dl = tl.reshape(dl, (BLOCK_C * BLOCK_R * BLOCK_E // BLOCK_CL, BLOCK_CL))
+        tl.store(dl_rows + tile_c, dl.to(dl_ptr.dtype.element_ty), mask=mask)
     else:
         top = tl.full((BLOCK_R, BLOCK_E), float("-inf"), ACC)
         total = tl.zeros((BLOCK_R, BLOCK_E), dtype=ACC)
         for c_start in range(0, C, BLOCK_C):
-            l = tl.load(l_rows + tl.cast(c_start, tl.int64) * stride_lc + c * stride_lc,
-                        mask=_per_class(valid) & (c < C - c_start), other=float("-inf"))
-            l = l.to(ACC)
+            l = tl.load(l_rows + tl.cast(c_start, tl.int64) * stride_lc + tile_c * stride_lc,
+                        mask=tile_valid & (tile_c < C - c_start), other=float("-inf"))
+            l = _as_tile(l, BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL).to(ACC)
             new_top = tl.maximum(top, _class_max(l))
             shift = tl.where(new_top == float("-inf"), 0.0, new_top)
             total = total * tl.exp(top - shift) + _class_sum(tl.exp(l - _per_class(shift)))
             top = new_top
         lse = _per_class(top + tl.log(tl.where(valid, total, 1.0)))
         for c_start in range(0, C, BLOCK_C):
-            mask = _per_class(valid) & (c < C - c_start)
-            l = tl.load(l_rows + tl.cast(c_start, tl.int64) * stride_lc + c * stride_lc,
-                        mask=mask, other=0.0).to(ACC)
+            mask = tile_valid & (tile_c < C - c_start)
+            l = tl.load(l_rows + tl.cast(c_start, tl.int64) * stride_lc + tile_c * stride_lc,
+                        mask=mask, other=0.0)
+            l = _as_tile(l, BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL).to(ACC)
             onehot = tl.where(c == _per_class(target - c_start), 1.0, 0.0)
             dl = _per_class(g) * (onehot - tl.exp(l - lse))
-            tl.store(dl_rows + c_start + c, dl.to(dl_ptr.dtype.element_ty), mask=mask)
+            dl = tl.reshape(dl, (BLOCK_C * BLOCK_R * BLOCK_E // BLOCK_CL, BLOCK_CL))
+            tl.store(dl_rows + c_start + tile_c, dl.to(dl_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------- launchers
@@ -469,6 +502,12 @@ def _categorical_blocks(B: int, E: int, C: int) -> tuple[int, int, int, int]:
     return block_r, block_e, block_c // block_cl, block_cl
 
 
+def _categorical_warps(blocks: tuple[int, int, int]) -> int:
+    """About 32 tile elements a thread: each thread's share of a position's classes is reduced in
+    registers, and the warp shuffles and per-program set-up are paid over more elements."""
+    return max(1, min(8, (blocks[0] * blocks[1] * blocks[2]) // 1024))
+
+
 def _needs_wide_offsets(blocks: tuple[int, ...], *strides: tuple[int, ...]) -> bool:
     """Whether a tile's offsets from its program's base, Σ (block − 1)·stride per tensor, can
     pass int32 (each ``strides`` a tensor's strides along the tile's axes, as ``blocks``)."""
@@ -494,7 +533,7 @@ def categorical_log_prob_forward(logits: torch.Tensor, target: torch.Tensor) -> 
         ACC=acc_dtype(logits.dtype), BLOCK_R=block_r, BLOCK_E=block_e, BLOCK_CH=block_ch,
         BLOCK_CL=block_cl, ONE_CHUNK=C <= blocks[2],
         WIDE=_needs_wide_offsets(blocks, l.stride()[1:], t.stride()),
-        num_warps=num_warps(block_r * block_e * blocks[2]))
+        num_warps=_categorical_warps(blocks))
     return out
 
 
@@ -519,5 +558,5 @@ def categorical_log_prob_backward(grad: torch.Tensor | None, logits: torch.Tenso
         *d.stride()[:3],
         ACC=acc_dtype(logits.dtype), BLOCK_R=block_r, BLOCK_E=block_e, BLOCK_CH=block_ch,
         BLOCK_CL=block_cl, ONE_CHUNK=C <= blocks[2], WIDE=wide,
-        num_warps=num_warps(block_r * block_e * blocks[2]))
+        num_warps=_categorical_warps(blocks))
     return (dl,)
