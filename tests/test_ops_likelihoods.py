@@ -97,6 +97,45 @@ def test_categorical(backend, K, B, event, C):
     assert_unchanged(before, (logits, target))
 
 
+@pytest.mark.parametrize("bad", [7, -1])
+@pytest.mark.parametrize("backend", ["reference", "triton"], indirect=True)
+def test_categorical_out_of_range_class(backend, bad):
+    """A class index outside [0, C): a ValueError for CPU tensors; on a GPU, where checking
+    would synchronise every call, NaN in exactly the rows b that hold it, on both backends
+    (the reference must not gather out of bounds), and the other rows unchanged."""
+    require_backend(backend, "categorical_log_prob", MODULE)
+    gen = generator(43)
+    logits = randn(2, 3, 4, 7, gen=gen)
+    target = torch.randint(0, 7, (3, 4), generator=gen)
+    target[1, 2] = bad
+    target = target.to(DEVICE)
+    if DEVICE.type == "cpu":
+        with pytest.raises(ValueError, match=r"class indices in \[-?\d+, \d+\]; expected values "
+                                             r"in \[0, 7\)"):
+            categorical_log_prob(logits, target)
+        return
+    out = categorical_log_prob(logits, target)
+    assert torch.isnan(out[:, 1]).all()
+    keep = [0, 2]
+    expected = sum_event(Categorical(logits=logits[:, keep]).log_prob(
+        target[keep].expand(2, 2, 4)))
+    close(out[:, keep], expected)
+
+
+def test_categorical_reference_marks_out_of_range_rows_nan():
+    """The reference itself (what the op runs on a GPU without the check) on the CPU: NaN rows,
+    no out-of-bounds gather, the other rows exact."""
+    from mmfast.ops import reference as ref
+    gen = generator(44)
+    logits = randn(2, 3, 4, 7, gen=gen)
+    target = torch.randint(0, 7, (3, 4), generator=gen)
+    target[0, 1], target[2, 3] = 7, -3
+    out = ref.categorical_log_prob(logits, target.to(DEVICE))
+    assert torch.isnan(out[:, [0, 2]]).all()
+    close(out[:, 1], sum_event(Categorical(logits=logits[:, 1:2]).log_prob(
+        target[1:2].to(DEVICE).expand(2, 1, 4)))[:, 0])
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"], indirect=True)
 def test_categorical_extreme_logits(backend):
     require_backend(backend, "categorical_log_prob", MODULE)

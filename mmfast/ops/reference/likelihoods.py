@@ -29,9 +29,15 @@ def categorical_log_prob(logits: torch.Tensor, target: torch.Tensor) -> torch.Te
     """``Σ_event log softmax(logits)[target]``; logits ``[K, B, *event, C]``, target int64
     ``[B, *event]``."""
     acc = acc_dtype(logits.dtype)
+    C = logits.shape[-1]
     logp = torch.log_softmax(logits.to(acc), dim=-1)
-    index = target.unsqueeze(0).expand(logits.shape[:-1]).unsqueeze(-1)
-    return _sum_event(torch.gather(logp, -1, index).squeeze(-1))
+    # An index outside [0, C) gives a NaN row, as the kernel does, not an out-of-bounds gather
+    # (a device-side assert on a GPU, where the op does not check the values).
+    in_range = (target >= 0) & (target < C)
+    index = target.clamp(0, max(C - 1, 0)).unsqueeze(0).expand(logits.shape[:-1]).unsqueeze(-1)
+    picked = torch.gather(logp, -1, index).squeeze(-1)
+    return _sum_event(torch.where(in_range, picked, torch.full((), float("nan"), dtype=acc,
+                                                                 device=logp.device)))
 
 
 def _scale(log_scale: torch.Tensor, min_scale: float, acc: torch.dtype) -> torch.Tensor:
