@@ -183,40 +183,59 @@ def _index(n: tl.constexpr, WIDE: tl.constexpr):
 
 
 @triton.jit
-def _tile_coordinates(BLOCK_CH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+def _tile_coordinates(CH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
                       BLOCK_CL: tl.constexpr, WIDE: tl.constexpr):
-    """Row b, position e (each ``[X, 1]``) and class c (``[X, BLOCK_CL]``) of a tile read as
-    ``[X, BLOCK_CL]``, X = BLOCK_CH·BLOCK_R·BLOCK_E rows ordered (ch, r, e), c = ch·BLOCK_CL + cl.
+    """Row b, position e (each ``[X, 1]``) and class c (``[X, BLOCK_CL]``, from 0) of a tile
+    of ``CH·BLOCK_CL`` classes read as ``[X, BLOCK_CL]``, X = CH·BLOCK_R·BLOCK_E rows ordered
+    (ch, r, e), c = ch·BLOCK_CL + cl.
 
     Read in two dimensions, the class lanes are the only contiguous axis, so every Triton
     version lays the load out alike: BLOCK_CL lanes along cl, the other lanes and the warps
-    along positions (r, e), and each thread's BLOCK_CH classes of a position in registers. (A
-    4-d load ties three non-contiguous axes, and Triton 3.6 and 3.9 break the tie differently:
-    3.6 put the lanes along ch, the classes, and its class reductions back on warp shuffles.)
-    """
-    x = _index(BLOCK_CH * BLOCK_R * BLOCK_E, WIDE)[:, None]
-    ch = x // (BLOCK_R * BLOCK_E)
-    c = ch * BLOCK_CL + _index(BLOCK_CL, WIDE)[None, :]
+    along positions (r, e), and each thread's CH classes of a position in registers. (A 4-d
+    load ties three non-contiguous axes, and Triton 3.6 and 3.9 break the tie differently:
+    3.6 put the lanes along ch, and the class reductions back on warp shuffles.)"""
+    x = _index(CH * BLOCK_R * BLOCK_E, WIDE)[:, None]
+    c = x // (BLOCK_R * BLOCK_E) * BLOCK_CL + _index(BLOCK_CL, WIDE)[None, :]
     return x // BLOCK_E % BLOCK_R, x % BLOCK_E, c
 
 
 @triton.jit
-def _as_tile(x, BLOCK_CH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
-             BLOCK_CL: tl.constexpr):
-    """``[X, BLOCK_CL] -> [BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL]`` (a view of the same
-    registers: the rows are ordered (ch, r, e))."""
-    return tl.reshape(x, (BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL))
+def _read_classes(ptr, first, C, rows, positions, stride_r, stride_e, stride_c,
+                  CH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+                  BLOCK_CL: tl.constexpr, WIDE: tl.constexpr):
+    """Logits of classes ``first + [0, CH·BLOCK_CL)`` (``ptr`` at class ``first`` of the tile's
+    first position) -> ``(l, c)``, each ``[CH, BLOCK_R, BLOCK_E, BLOCK_CL]``: the logits (−inf
+    where masked, in their own dtype) and their class indices."""
+    r, e, c = _tile_coordinates(CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
+    mask = (r < rows) & (e < positions) & (c < C - first)
+    l = tl.load(ptr + (r * stride_r + e * stride_e) + c * stride_c, mask=mask,
+                other=float("-inf"))
+    # The rows are ordered (ch, r, e): a view of the same registers.
+    return (tl.reshape(l, (CH, BLOCK_R, BLOCK_E, BLOCK_CL)),
+            tl.reshape(first + c, (CH, BLOCK_R, BLOCK_E, BLOCK_CL)))
+
+
+@triton.jit
+def _write_classes(ptr, dl, first, C, rows, positions, stride_r, stride_e,
+                   CH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+                   BLOCK_CL: tl.constexpr, WIDE: tl.constexpr):
+    """Store ``dl [CH, BLOCK_R, BLOCK_E, BLOCK_CL]`` at the classes :func:`_read_classes` read
+    (unit class stride)."""
+    r, e, c = _tile_coordinates(CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
+    mask = (r < rows) & (e < positions) & (c < C - first)
+    dl = tl.reshape(dl, (CH * BLOCK_R * BLOCK_E, BLOCK_CL))
+    tl.store(ptr + (r * stride_r + e * stride_e) + c, dl.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _class_max(x):
-    """``[BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL] -> [BLOCK_R, BLOCK_E]``: max over the classes."""
+    """``[CH, BLOCK_R, BLOCK_E, BLOCK_CL] -> [BLOCK_R, BLOCK_E]``: max over the classes."""
     return tl.max(tl.max(x, axis=0), axis=2)
 
 
 @triton.jit
 def _class_sum(x):
-    """``[BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL] -> [BLOCK_R, BLOCK_E]``: sum over the classes."""
+    """``[CH, BLOCK_R, BLOCK_E, BLOCK_CL] -> [BLOCK_R, BLOCK_E]``: sum over the classes."""
     return tl.sum(tl.sum(x, axis=0), axis=2)
 
 
@@ -227,9 +246,26 @@ def _per_class(x):
 
 
 @triton.jit
+def _shifted_exp_sum(l, shift):
+    return _class_sum(tl.exp(l - _per_class(shift)))
+
+
+@triton.jit
+def _target_logit(l, c, target):
+    """The logit at each position's target class (0 where the target is elsewhere)."""
+    return _class_sum(tl.where(c == _per_class(target), l, 0.0))
+
+
+@triton.jit
+def _safe_shift(top):
+    """The running max, 0 where it is −inf (all classes so far −inf: exp(−inf − 0) = 0)."""
+    return tl.where(top == float("-inf"), 0.0, top)
+
+
+@triton.jit
 def _categorical_targets(t_ptr, b0, e0, r, e, valid, C, stride_tb, stride_te):
     """``[BLOCK_R, BLOCK_E]`` int32 class indices of the tile's positions: -1 for padding and for
-    an index outside [0, C), so comparing them with class offsets selects nothing there."""
+    an index outside [0, C), so comparing them with class indices selects nothing there."""
     t = tl.load(t_ptr + b0 * stride_tb + e0 * stride_te + r[:, None] * stride_tb
                 + e[None, :] * stride_te, mask=valid, other=-1)
     return tl.where((t >= 0) & (t < C), t, -1).to(tl.int32)
@@ -240,14 +276,17 @@ def _categorical_forward_kernel(
     l_ptr, t_ptr, out_ptr, B, E, C, row_blocks,
     stride_lk, stride_lb, stride_le, stride_lc, stride_tb, stride_te,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_CH: tl.constexpr,
-    BLOCK_CL: tl.constexpr, ONE_CHUNK: tl.constexpr, WIDE: tl.constexpr,
+    TAIL_CH: tl.constexpr, BLOCK_CL: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     """One program: BLOCK_R rows b of one sample k, positions in BLOCK_E chunks (one when
-    E <= BLOCK_E), a ``[BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL]`` tile of (class, b, e, class)
-    at a time (see :func:`_tile_coordinates`): the class reductions are mostly in-thread.
-    ONE_CHUNK (C <= BLOCK_CH·BLOCK_CL): the classes are read once and the target logit is
-    selected from the tile; otherwise class chunks with an online log-sum-exp (running max and
-    rescaled sum)."""
+    E <= BLOCK_E), classes in tiles of ``[CH, BLOCK_R, BLOCK_E, BLOCK_CL]`` (see
+    :func:`_tile_coordinates`), so the class reductions are mostly in-thread.
+
+    ONE_CHUNK: all C classes at once, read once, the target logit selected from registers: a
+    tile of BLOCK_CH·BLOCK_CL classes plus, when TAIL_CH > 0, a tail tile of TAIL_CH·BLOCK_CL
+    (C = 71 reads 64 + 8 class lanes rather than 128). Otherwise chunks of BLOCK_CH·BLOCK_CL
+    classes with an online log-sum-exp (running max and rescaled sum)."""
     BLOCK_C: tl.constexpr = BLOCK_CH * BLOCK_CL
     pid = tl.program_id(0)
     k = (pid // row_blocks).to(tl.int64)
@@ -255,38 +294,45 @@ def _categorical_forward_kernel(
     rows = tl.minimum(B - b0, BLOCK_R).to(tl.int32)
     r = _index(BLOCK_R, WIDE)
     e = _index(BLOCK_E, WIDE)
-    tile_r, tile_e, tile_c = _tile_coordinates(BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
-    c = _as_tile(tile_c, BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL)
-    l_rows = l_ptr + k * stride_lk + b0 * stride_lb + (tile_r * stride_lb + tile_e * stride_le)
+    l_rows = l_ptr + k * stride_lk + b0 * stride_lb
     acc = tl.zeros((BLOCK_R, BLOCK_E), dtype=ACC)
     for e_start in range(0, E, BLOCK_E):
         e0 = tl.cast(e_start, tl.int64)
         positions = tl.minimum(E - e0, BLOCK_E).to(tl.int32)
         valid = (r < rows)[:, None] & (e < positions)[None, :]
-        tile_valid = (tile_r < rows) & (tile_e < positions)
         target = _categorical_targets(t_ptr, b0, e0, r, e, valid, C, stride_tb, stride_te)
         l_pos = l_rows + e0 * stride_le
         if ONE_CHUNK:
-            l = tl.load(l_pos + tile_c * stride_lc, mask=tile_valid & (tile_c < C),
-                        other=float("-inf"))
-            l = _as_tile(l, BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL).to(ACC)
+            l, c = _read_classes(l_pos, 0, C, rows, positions, stride_lb, stride_le, stride_lc,
+                                 BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
+            l = l.to(ACC)
             top = _class_max(l)
-            shift = tl.where(top == float("-inf"), 0.0, top)
-            total = _class_sum(tl.exp(l - _per_class(shift)))
-            picked = _class_sum(tl.where(c == _per_class(target), l, 0.0))
+            if TAIL_CH > 0:
+                l_tail, c_tail = _read_classes(
+                    l_pos + BLOCK_C * stride_lc, BLOCK_C, C, rows, positions, stride_lb,
+                    stride_le, stride_lc, TAIL_CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
+                l_tail = l_tail.to(ACC)
+                top = tl.maximum(top, _class_max(l_tail))
+            shift = _safe_shift(top)
+            total = _shifted_exp_sum(l, shift)
+            picked = _target_logit(l, c, target)
+            if TAIL_CH > 0:
+                total += _shifted_exp_sum(l_tail, shift)
+                picked += _target_logit(l_tail, c_tail, target)
         else:
             top = tl.full((BLOCK_R, BLOCK_E), float("-inf"), ACC)
             total = tl.zeros((BLOCK_R, BLOCK_E), dtype=ACC)
             picked = tl.zeros((BLOCK_R, BLOCK_E), dtype=ACC)
             for c_start in range(0, C, BLOCK_C):
-                l = tl.load(l_pos + tl.cast(c_start, tl.int64) * stride_lc + tile_c * stride_lc,
-                            mask=tile_valid & (tile_c < C - c_start), other=float("-inf"))
-                l = _as_tile(l, BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL).to(ACC)
+                l, c = _read_classes(l_pos + tl.cast(c_start, tl.int64) * stride_lc, c_start, C,
+                                     rows, positions, stride_lb, stride_le, stride_lc,
+                                     BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
+                l = l.to(ACC)
                 new_top = tl.maximum(top, _class_max(l))
-                shift = tl.where(new_top == float("-inf"), 0.0, new_top)
-                total = total * tl.exp(top - shift) + _class_sum(tl.exp(l - _per_class(shift)))
+                shift = _safe_shift(new_top)
+                total = total * tl.exp(top - shift) + _shifted_exp_sum(l, shift)
                 top = new_top
-                picked += _class_sum(tl.where(c == _per_class(target - c_start), l, 0.0))
+                picked += _target_logit(l, c, target)
         log_p = picked - top - tl.log(tl.where(valid, total, 1.0))
         # An out-of-range class index gives NaN rather than a silently wrong value.
         log_p = tl.where(target >= 0, log_p, float("nan"))
@@ -302,12 +348,13 @@ def _categorical_backward_kernel(
     stride_lk, stride_lb, stride_le, stride_lc, stride_tb, stride_te,
     stride_dk, stride_db, stride_de,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_CH: tl.constexpr,
-    BLOCK_CL: tl.constexpr, ONE_CHUNK: tl.constexpr, WIDE: tl.constexpr,
+    TAIL_CH: tl.constexpr, BLOCK_CL: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
-    """One program: a tile of BLOCK_R rows b and BLOCK_E positions of one sample k (laid out as
-    in the forward), writing ``g (onehot − softmax)`` into the contiguous ``[K, B, E, C]``
-    gradient. ONE_CHUNK: the tile is read once and its exponentials serve both the normaliser
-    and the gradient; otherwise a log-sum-exp pass over class chunks, then a gradient pass."""
+    """One program: BLOCK_R rows b and BLOCK_E positions of one sample k (tiles as in the
+    forward), writing ``g (onehot − softmax)`` into the contiguous ``[K, B, E, C]`` gradient.
+    ONE_CHUNK: the logits are read once and their exponentials serve both the normaliser and
+    the gradient; otherwise a log-sum-exp pass over class chunks, then a gradient pass."""
     BLOCK_C: tl.constexpr = BLOCK_CH * BLOCK_CL
     pid = tl.program_id(0)
     e0 = (pid % e_blocks).to(tl.int64) * BLOCK_E
@@ -319,49 +366,61 @@ def _categorical_backward_kernel(
     r = _index(BLOCK_R, WIDE)
     e = _index(BLOCK_E, WIDE)
     valid = (r < rows)[:, None] & (e < positions)[None, :]
-    tile_r, tile_e, tile_c = _tile_coordinates(BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
-    tile_valid = (tile_r < rows) & (tile_e < positions)
-    c = _as_tile(tile_c, BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL)
     g = tl.load(g_ptr + k * stride_gk + b0 * stride_gb + r * stride_gb, mask=r < rows,
                 other=0.0).to(ACC)[:, None]
     target = _categorical_targets(t_ptr, b0, e0, r, e, valid, C, stride_tb, stride_te)
-    l_rows = (l_ptr + k * stride_lk + b0 * stride_lb + e0 * stride_le
-              + (tile_r * stride_lb + tile_e * stride_le))
-    dl_rows = (dl_ptr + k * stride_dk + b0 * stride_db + e0 * stride_de
-               + (tile_r * stride_db + tile_e * stride_de))
+    l_pos = l_ptr + k * stride_lk + b0 * stride_lb + e0 * stride_le
+    dl_pos = dl_ptr + k * stride_dk + b0 * stride_db + e0 * stride_de
     if ONE_CHUNK:
-        mask = tile_valid & (tile_c < C)
-        l = tl.load(l_rows + tile_c * stride_lc, mask=mask, other=float("-inf"))
-        l = _as_tile(l, BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL).to(ACC)
+        l, c = _read_classes(l_pos, 0, C, rows, positions, stride_lb, stride_le, stride_lc,
+                             BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
+        l = l.to(ACC)
         top = _class_max(l)
-        shift = tl.where(top == float("-inf"), 0.0, top)
-        p = tl.exp(l - _per_class(shift))
+        if TAIL_CH > 0:
+            l_tail, c_tail = _read_classes(
+                l_pos + BLOCK_C * stride_lc, BLOCK_C, C, rows, positions, stride_lb, stride_le,
+                stride_lc, TAIL_CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
+            l_tail = l_tail.to(ACC)
+            top = tl.maximum(top, _class_max(l_tail))
+        shift = _per_class(_safe_shift(top))
+        p = tl.exp(l - shift)
+        total = _class_sum(p)
+        if TAIL_CH > 0:
+            p_tail = tl.exp(l_tail - shift)
+            total += _class_sum(p_tail)
         # One division per position, softmax·g = p·(g / Σp); padding positions divide by 1.
-        weight = g / tl.where(valid, _class_sum(p), 1.0)
-        dl = tl.where(c == _per_class(target), _per_class(g), 0.0) - p * _per_class(weight)
-        dl = tl.reshape(dl, (BLOCK_C * BLOCK_R * BLOCK_E // BLOCK_CL, BLOCK_CL))
-        tl.store(dl_rows + tile_c, dl.to(dl_ptr.dtype.element_ty), mask=mask)
+        weight = _per_class(g / tl.where(valid, total, 1.0))
+        g_at = _per_class(g)
+        _write_classes(dl_pos, tl.where(c == _per_class(target), g_at, 0.0) - p * weight, 0, C,
+                       rows, positions, stride_db, stride_de,
+                       BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
+        if TAIL_CH > 0:
+            _write_classes(dl_pos + BLOCK_C,
+                           tl.where(c_tail == _per_class(target), g_at, 0.0) - p_tail * weight,
+                           BLOCK_C, C, rows, positions, stride_db, stride_de,
+                           TAIL_CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
     else:
         top = tl.full((BLOCK_R, BLOCK_E), float("-inf"), ACC)
         total = tl.zeros((BLOCK_R, BLOCK_E), dtype=ACC)
         for c_start in range(0, C, BLOCK_C):
-            l = tl.load(l_rows + tl.cast(c_start, tl.int64) * stride_lc + tile_c * stride_lc,
-                        mask=tile_valid & (tile_c < C - c_start), other=float("-inf"))
-            l = _as_tile(l, BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL).to(ACC)
+            l, c = _read_classes(l_pos + tl.cast(c_start, tl.int64) * stride_lc, c_start, C,
+                                 rows, positions, stride_lb, stride_le, stride_lc,
+                                 BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
+            l = l.to(ACC)
             new_top = tl.maximum(top, _class_max(l))
-            shift = tl.where(new_top == float("-inf"), 0.0, new_top)
-            total = total * tl.exp(top - shift) + _class_sum(tl.exp(l - _per_class(shift)))
+            shift = _safe_shift(new_top)
+            total = total * tl.exp(top - shift) + _shifted_exp_sum(l, shift)
             top = new_top
         lse = _per_class(top + tl.log(tl.where(valid, total, 1.0)))
         for c_start in range(0, C, BLOCK_C):
-            mask = tile_valid & (tile_c < C - c_start)
-            l = tl.load(l_rows + tl.cast(c_start, tl.int64) * stride_lc + tile_c * stride_lc,
-                        mask=mask, other=0.0)
-            l = _as_tile(l, BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL).to(ACC)
-            onehot = tl.where(c == _per_class(target - c_start), 1.0, 0.0)
-            dl = _per_class(g) * (onehot - tl.exp(l - lse))
-            dl = tl.reshape(dl, (BLOCK_C * BLOCK_R * BLOCK_E // BLOCK_CL, BLOCK_CL))
-            tl.store(dl_rows + c_start + tile_c, dl.to(dl_ptr.dtype.element_ty), mask=mask)
+            l, c = _read_classes(l_pos + tl.cast(c_start, tl.int64) * stride_lc, c_start, C,
+                                 rows, positions, stride_lb, stride_le, stride_lc,
+                                 BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
+            onehot = tl.where(c == _per_class(target), 1.0, 0.0)
+            _write_classes(dl_pos + tl.cast(c_start, tl.int64),
+                           _per_class(g) * (onehot - tl.exp(l.to(ACC) - lse)), c_start, C,
+                           rows, positions, stride_db, stride_de,
+                           BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
 
 
 # ------------------------------------------------------------------------------- launchers
@@ -490,28 +549,54 @@ def laplace_log_prob_backward(grad, loc, log_scale, x, min_scale):
 _CLASS_LANES = 8
 
 
-def _categorical_blocks(B: int, E: int, C: int) -> tuple[int, int, int, int]:
-    """``(BLOCK_R, BLOCK_E, BLOCK_CH, BLOCK_CL)``: all classes in one chunk of
-    ``BLOCK_CH·BLOCK_CL`` up to 1024 (more in chunks), as many positions as fit the element
-    budget, then as many rows b as fit, so a program moves several rows' logits at once."""
+def _categorical_blocks(B: int, E: int, C: int) -> tuple[int, int, int, int, int]:
+    """``(BLOCK_R, BLOCK_E, BLOCK_CH, TAIL_CH, BLOCK_CL)``.
+
+    Classes: up to 1024 in one chunk, ``BLOCK_CH·BLOCK_CL`` of them, or a power of two below C
+    plus a tail of ``TAIL_CH·BLOCK_CL`` when that pads less (71 -> 64 + 8 rather than 128);
+    more than 1024 in chunks. Then as many positions as fit the element budget, then as many
+    rows b, so that a program moves several rows' logits at once."""
     budget = element_budget()
     block_c = min(next_power_of_2(C), 1024, budget)
     block_cl = min(block_c, _CLASS_LANES)
-    block_e = min(next_power_of_2(max(E, 1)), max(1, budget // block_c))
-    block_r = min(next_power_of_2(B), max(1, budget // (block_e * block_c)))
-    return block_r, block_e, block_c // block_cl, block_cl
+    main, tail = block_c, 0
+    if C < block_c and block_c // 2 >= block_cl:
+        tail = max(block_cl, next_power_of_2(C - block_c // 2))
+        if block_c // 2 + tail < block_c:
+            main = block_c // 2
+        else:
+            tail = 0
+    lanes = main + tail
+    block_e = min(next_power_of_2(max(E, 1)), _floor_power_of_2(budget // lanes))
+    block_r = min(next_power_of_2(B), _floor_power_of_2(budget // (block_e * lanes)))
+    return block_r, block_e, main // block_cl, tail // block_cl, block_cl
 
 
-def _categorical_warps(blocks: tuple[int, int, int]) -> int:
+def _floor_power_of_2(n: int) -> int:
+    """The largest power of two ``<= n`` (1 for ``n <= 1``)."""
+    return 1 if n <= 1 else 1 << (n.bit_length() - 1)
+
+
+def _categorical_warps(tile: int) -> int:
     """About 32 tile elements a thread: each thread's share of a position's classes is reduced in
     registers, and the warp shuffles and per-program set-up are paid over more elements."""
-    return max(1, min(8, (blocks[0] * blocks[1] * blocks[2]) // 1024))
+    return min(8, _floor_power_of_2(tile // 1024))
 
 
 def _needs_wide_offsets(blocks: tuple[int, ...], *strides: tuple[int, ...]) -> bool:
     """Whether a tile's offsets from its program's base, Σ (block − 1)·stride per tensor, can
     pass int32 (each ``strides`` a tensor's strides along the tile's axes, as ``blocks``)."""
     return any(sum((n - 1) * abs(s) for n, s in zip(blocks, st)) >= 2 ** 31 for st in strides)
+
+
+def _categorical_launch(B: int, E: int, C: int, *strides: tuple[int, ...]) -> dict:
+    """Constexprs of both categorical kernels, from :func:`_categorical_blocks`."""
+    block_r, block_e, block_ch, tail_ch, block_cl = _categorical_blocks(B, E, C)
+    lanes = (block_ch + tail_ch) * block_cl
+    return dict(BLOCK_R=block_r, BLOCK_E=block_e, BLOCK_CH=block_ch, TAIL_CH=tail_ch,
+                BLOCK_CL=block_cl, ONE_CHUNK=C <= lanes,
+                WIDE=_needs_wide_offsets((block_r, block_e, lanes), *strides),
+                num_warps=_categorical_warps(block_r * block_e * lanes))
 
 
 def categorical_log_prob_forward(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -525,15 +610,11 @@ def categorical_log_prob_forward(logits: torch.Tensor, target: torch.Tensor) -> 
     if E == 0:
         return out.zero_()
     t = target.reshape(B, -1)
-    block_r, block_e, block_ch, block_cl = _categorical_blocks(B, E, C)
-    blocks = (block_r, block_e, block_ch * block_cl)
-    row_blocks = cdiv(B, block_r)
+    launch = _categorical_launch(B, E, C, l.stride()[1:], t.stride())
+    row_blocks = cdiv(B, launch["BLOCK_R"])
     _categorical_forward_kernel[(K * row_blocks,)](
         l, t, out, B, E, C, row_blocks, *l.stride(), *t.stride(),
-        ACC=acc_dtype(logits.dtype), BLOCK_R=block_r, BLOCK_E=block_e, BLOCK_CH=block_ch,
-        BLOCK_CL=block_cl, ONE_CHUNK=C <= blocks[2],
-        WIDE=_needs_wide_offsets(blocks, l.stride()[1:], t.stride()),
-        num_warps=_categorical_warps(blocks))
+        ACC=acc_dtype(logits.dtype), **launch)
     return out
 
 
@@ -549,14 +630,9 @@ def categorical_log_prob_backward(grad: torch.Tensor | None, logits: torch.Tenso
         return (dl.zero_(),)
     t = target.reshape(B, -1)
     d = dl.view(K, B, E, C)
-    block_r, block_e, block_ch, block_cl = _categorical_blocks(B, E, C)
-    blocks = (block_r, block_e, block_ch * block_cl)
-    row_blocks, e_blocks = cdiv(B, block_r), cdiv(E, block_e)
-    wide = _needs_wide_offsets(blocks, l.stride()[1:], t.stride(), d.stride()[1:])
+    launch = _categorical_launch(B, E, C, l.stride()[1:], t.stride(), d.stride()[1:])
+    row_blocks, e_blocks = cdiv(B, launch["BLOCK_R"]), cdiv(E, launch["BLOCK_E"])
     _categorical_backward_kernel[(K * row_blocks * e_blocks,)](
         grad, l, t, d, B, E, C, row_blocks, e_blocks, *grad.stride(), *l.stride(), *t.stride(),
-        *d.stride()[:3],
-        ACC=acc_dtype(logits.dtype), BLOCK_R=block_r, BLOCK_E=block_e, BLOCK_CH=block_ch,
-        BLOCK_CL=block_cl, ONE_CHUNK=C <= blocks[2], WIDE=wide,
-        num_warps=_categorical_warps(blocks))
+        *d.stride()[:3], ACC=acc_dtype(logits.dtype), **launch)
     return (dl,)
