@@ -545,20 +545,23 @@ def laplace_log_prob_backward(grad, loc, log_scale, x, min_scale):
     return _elementwise_backward(LAPLACE, grad, loc, log_scale, x, min_scale)
 
 
-# Lanes along the fast class axis: a warp's load covers 4 positions x 8 consecutive classes.
+# Lanes along the fast class axis, at most: a warp's load covers 4 positions x 8 consecutive
+# classes, and each thread holds at least 8 classes of a position (few classes: fewer lanes).
 _CLASS_LANES = 8
 
 
-def _categorical_blocks(B: int, E: int, C: int) -> tuple[int, int, int, int, int]:
-    """``(BLOCK_R, BLOCK_E, BLOCK_CH, TAIL_CH, BLOCK_CL)``.
+def _categorical_blocks(B: int, E: int, C: int) -> tuple[int, int, int, int, int, int]:
+    """``(BLOCK_R, BLOCK_E, BLOCK_CH, TAIL_CH, BLOCK_CL, num_warps)``.
 
     Classes: up to 1024 in one chunk, ``BLOCK_CH·BLOCK_CL`` of them, or a power of two below C
     plus a tail of ``TAIL_CH·BLOCK_CL`` when that pads less (71 -> 64 + 8 rather than 128);
     more than 1024 in chunks. Then as many positions as fit the element budget, then as many
-    rows b, so that a program moves several rows' logits at once."""
+    rows b, so that a program moves several rows' logits at once; about 32 elements a thread
+    (its share of a position's classes is reduced in registers, and the shuffles and set-up are
+    paid over more elements)."""
     budget = element_budget()
     block_c = min(next_power_of_2(C), 1024, budget)
-    block_cl = min(block_c, _CLASS_LANES)
+    block_cl = max(1, min(block_c // 8, _CLASS_LANES))
     main, tail = block_c, 0
     if C < block_c and block_c // 2 >= block_cl:
         tail = max(block_cl, next_power_of_2(C - block_c // 2))
@@ -566,21 +569,18 @@ def _categorical_blocks(B: int, E: int, C: int) -> tuple[int, int, int, int, int
             main = block_c // 2
         else:
             tail = 0
-    lanes = main + tail
-    block_e = min(next_power_of_2(max(E, 1)), _floor_power_of_2(budget // lanes))
-    block_r = min(next_power_of_2(B), _floor_power_of_2(budget // (block_e * lanes)))
-    return block_r, block_e, main // block_cl, tail // block_cl, block_cl
+    # A position costs about as much as 8 class lanes whatever C (its target, normaliser and
+    # masks): few classes must not mean thousands of positions a program.
+    width = max(main + tail, 8)
+    block_e = min(next_power_of_2(max(E, 1)), _floor_power_of_2(budget // width))
+    block_r = min(next_power_of_2(B), _floor_power_of_2(budget // (block_e * width)))
+    warps = min(8, _floor_power_of_2(block_r * block_e * width // 1024))
+    return block_r, block_e, main // block_cl, tail // block_cl, block_cl, warps
 
 
 def _floor_power_of_2(n: int) -> int:
     """The largest power of two ``<= n`` (1 for ``n <= 1``)."""
     return 1 if n <= 1 else 1 << (n.bit_length() - 1)
-
-
-def _categorical_warps(tile: int) -> int:
-    """About 32 tile elements a thread: each thread's share of a position's classes is reduced in
-    registers, and the warp shuffles and per-program set-up are paid over more elements."""
-    return min(8, _floor_power_of_2(tile // 1024))
 
 
 def _needs_wide_offsets(blocks: tuple[int, ...], *strides: tuple[int, ...]) -> bool:
@@ -591,12 +591,11 @@ def _needs_wide_offsets(blocks: tuple[int, ...], *strides: tuple[int, ...]) -> b
 
 def _categorical_launch(B: int, E: int, C: int, *strides: tuple[int, ...]) -> dict:
     """Constexprs of both categorical kernels, from :func:`_categorical_blocks`."""
-    block_r, block_e, block_ch, tail_ch, block_cl = _categorical_blocks(B, E, C)
+    block_r, block_e, block_ch, tail_ch, block_cl, warps = _categorical_blocks(B, E, C)
     lanes = (block_ch + tail_ch) * block_cl
     return dict(BLOCK_R=block_r, BLOCK_E=block_e, BLOCK_CH=block_ch, TAIL_CH=tail_ch,
                 BLOCK_CL=block_cl, ONE_CHUNK=C <= lanes,
-                WIDE=_needs_wide_offsets((block_r, block_e, lanes), *strides),
-                num_warps=_categorical_warps(block_r * block_e * lanes))
+                WIDE=_needs_wide_offsets((block_r, block_e, lanes), *strides), num_warps=warps)
 
 
 def categorical_log_prob_forward(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
