@@ -9,7 +9,7 @@ materialised. Per (k, b) row, with ``l`` the logits and ``s = min_scale + exp(lo
     bernoulli  Σ_n x·l − softplus(l)                softplus(l) = max(l, 0) + log(1 + exp(−|l|))
     normal     Σ_n −r²/2 − log s − log(2π)/2        r = (x − loc) / s
     laplace    Σ_n −|x − loc|/s − log(2s)
-    categorical Σ_e l[e, t_e] − logsumexp_c l[e, c]  (online over chunks of classes)
+    categorical Σ_e l[e, t_e] − logsumexp_c l[e, c]
 
 Element-wise log-probabilities are never stored: the forward accumulates them in registers
 (float32, float64 for float64 inputs). Backward, with ``g = ∂L/∂out[k, b]``:
@@ -28,8 +28,24 @@ keeps a shared scale unexpanded), and its gradient is reduced where it is made: 
 registers when Ks = 1, over the tile's b rows when Bs = 1, with one partial row per b-block
 summed afterwards in a fixed order. A per-dimension scale thus costs an ``[N]`` gradient, not
 a ``[K, B, N]`` one.
+
+The categorical kernels give each program BLOCK_R rows b of one sample k and BLOCK_E positions
+(all E when they fit, so the forward's event sum stays in registers), a few hundred positions'
+logits at once rather than one row's. A tile of classes is read as ``[X, BLOCK_CL]`` with
+X = (ch, r, e) and class ``c = ch·BLOCK_CL + cl``, then viewed as
+``[CH, BLOCK_R, BLOCK_E, BLOCK_CL]``: BLOCK_CL (<= 8) lanes read consecutive classes, and each
+thread holds CH classes of one position, so the max and sums over classes are mostly adds in
+registers with a few warp shuffles. When all C classes fit (up to 1024), they are read once:
+the forward selects the target logit from the tile in registers, the backward's exponentials
+serve both the normaliser and ``softmax`` (read once, write once); they are a power-of-two tile
+plus a small tail tile where that pads less (C = 71: 64 + 8 class lanes, not 128). Larger C
+goes in chunks with an online log-sum-exp (running max and rescaled sum), the backward reading
+its chunks twice. In-tile offsets are int32 from an int64 program base, int64 only where the
+launcher finds a tile could span 2^31 elements.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -173,18 +189,8 @@ def _elementwise_backward_kernel(
 
 
 @triton.jit
-def _index(n: tl.constexpr, WIDE: tl.constexpr):
-    """``arange(n)`` for in-tile offsets: int32 (cheaper on every element), int64 when the
-    launcher found that a tile's offsets from its program's int64 base could pass 2^31."""
-    i = tl.arange(0, n)
-    if WIDE:
-        i = i.to(tl.int64)
-    return i
-
-
-@triton.jit
 def _tile_coordinates(CH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
-                      BLOCK_CL: tl.constexpr, WIDE: tl.constexpr):
+                      BLOCK_CL: tl.constexpr, INDEX: tl.constexpr):
     """Row b, position e (each ``[X, 1]``) and class c (``[X, BLOCK_CL]``, from 0) of a tile
     of ``CH·BLOCK_CL`` classes read as ``[X, BLOCK_CL]``, X = CH·BLOCK_R·BLOCK_E rows ordered
     (ch, r, e), c = ch·BLOCK_CL + cl.
@@ -194,19 +200,20 @@ def _tile_coordinates(CH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.const
     along positions (r, e), and each thread's CH classes of a position in registers. (A 4-d
     load ties three non-contiguous axes, and Triton 3.6 and 3.9 break the tie differently:
     3.6 put the lanes along ch, and the class reductions back on warp shuffles.)"""
-    x = _index(CH * BLOCK_R * BLOCK_E, WIDE)[:, None]
-    c = x // (BLOCK_R * BLOCK_E) * BLOCK_CL + _index(BLOCK_CL, WIDE)[None, :]
+    x = tl.arange(0, CH * BLOCK_R * BLOCK_E).to(INDEX)[:, None]
+    c = x // (BLOCK_R * BLOCK_E) * BLOCK_CL + tl.arange(0, BLOCK_CL).to(INDEX)[None, :]
     return x // BLOCK_E % BLOCK_R, x % BLOCK_E, c
 
 
 @triton.jit
 def _read_classes(ptr, first, C, rows, positions, stride_r, stride_e, stride_c,
                   CH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
-                  BLOCK_CL: tl.constexpr, WIDE: tl.constexpr):
+                  BLOCK_CL: tl.constexpr, INDEX: tl.constexpr):
     """Logits of classes ``first + [0, CH·BLOCK_CL)`` (``ptr`` at class ``first`` of the tile's
     first position) -> ``(l, c)``, each ``[CH, BLOCK_R, BLOCK_E, BLOCK_CL]``: the logits (−inf
-    where masked, in their own dtype) and their class indices."""
-    r, e, c = _tile_coordinates(CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
+    where masked, in their own dtype) and their class indices. Classes reduce over axes 0 and
+    3, to ``[BLOCK_R, BLOCK_E]``; per-position values broadcast back as ``v[None, :, :, None]``."""
+    r, e, c = _tile_coordinates(CH, BLOCK_R, BLOCK_E, BLOCK_CL, INDEX)
     mask = (r < rows) & (e < positions) & (c < C - first)
     l = tl.load(ptr + (r * stride_r + e * stride_e) + c * stride_c, mask=mask,
                 other=float("-inf"))
@@ -218,48 +225,13 @@ def _read_classes(ptr, first, C, rows, positions, stride_r, stride_e, stride_c,
 @triton.jit
 def _write_classes(ptr, dl, first, C, rows, positions, stride_r, stride_e,
                    CH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
-                   BLOCK_CL: tl.constexpr, WIDE: tl.constexpr):
-    """Store ``dl [CH, BLOCK_R, BLOCK_E, BLOCK_CL]`` at the classes :func:`_read_classes` read
-    (unit class stride)."""
-    r, e, c = _tile_coordinates(CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
+                   BLOCK_CL: tl.constexpr, INDEX: tl.constexpr):
+    """Store ``dl [CH, BLOCK_R, BLOCK_E, BLOCK_CL]`` where :func:`_read_classes` read (unit
+    class stride)."""
+    r, e, c = _tile_coordinates(CH, BLOCK_R, BLOCK_E, BLOCK_CL, INDEX)
     mask = (r < rows) & (e < positions) & (c < C - first)
     dl = tl.reshape(dl, (CH * BLOCK_R * BLOCK_E, BLOCK_CL))
     tl.store(ptr + (r * stride_r + e * stride_e) + c, dl.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _class_max(x):
-    """``[CH, BLOCK_R, BLOCK_E, BLOCK_CL] -> [BLOCK_R, BLOCK_E]``: max over the classes."""
-    return tl.max(tl.max(x, axis=0), axis=2)
-
-
-@triton.jit
-def _class_sum(x):
-    """``[CH, BLOCK_R, BLOCK_E, BLOCK_CL] -> [BLOCK_R, BLOCK_E]``: sum over the classes."""
-    return tl.sum(tl.sum(x, axis=0), axis=2)
-
-
-@triton.jit
-def _per_class(x):
-    """``[BLOCK_R, BLOCK_E] -> [1, BLOCK_R, BLOCK_E, 1]``, to broadcast over a tile's classes."""
-    return x[None, :, :, None]
-
-
-@triton.jit
-def _shifted_exp_sum(l, shift):
-    return _class_sum(tl.exp(l - _per_class(shift)))
-
-
-@triton.jit
-def _target_logit(l, c, target):
-    """The logit at each position's target class (0 where the target is elsewhere)."""
-    return _class_sum(tl.where(c == _per_class(target), l, 0.0))
-
-
-@triton.jit
-def _safe_shift(top):
-    """The running max, 0 where it is −inf (all classes so far −inf: exp(−inf − 0) = 0)."""
-    return tl.where(top == float("-inf"), 0.0, top)
 
 
 @triton.jit
@@ -271,13 +243,14 @@ def _categorical_targets(t_ptr, b0, e0, r, e, valid, C, stride_tb, stride_te):
     return tl.where((t >= 0) & (t < C), t, -1).to(tl.int32)
 
 
+# Few nested @triton.jit helpers below: the interpreter pays about a millisecond a call.
 @triton.jit
 def _categorical_forward_kernel(
     l_ptr, t_ptr, out_ptr, B, E, C, row_blocks,
     stride_lk, stride_lb, stride_le, stride_lc, stride_tb, stride_te,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_CH: tl.constexpr,
     TAIL_CH: tl.constexpr, BLOCK_CL: tl.constexpr, ONE_CHUNK: tl.constexpr,
-    WIDE: tl.constexpr,
+    INDEX: tl.constexpr,
 ):
     """One program: BLOCK_R rows b of one sample k, positions in BLOCK_E chunks (one when
     E <= BLOCK_E), classes in tiles of ``[CH, BLOCK_R, BLOCK_E, BLOCK_CL]`` (see
@@ -292,8 +265,8 @@ def _categorical_forward_kernel(
     k = (pid // row_blocks).to(tl.int64)
     b0 = (pid % row_blocks).to(tl.int64) * BLOCK_R
     rows = tl.minimum(B - b0, BLOCK_R).to(tl.int32)
-    r = _index(BLOCK_R, WIDE)
-    e = _index(BLOCK_E, WIDE)
+    r = tl.arange(0, BLOCK_R).to(INDEX)
+    e = tl.arange(0, BLOCK_E).to(INDEX)
     l_rows = l_ptr + k * stride_lk + b0 * stride_lb
     acc = tl.zeros((BLOCK_R, BLOCK_E), dtype=ACC)
     for e_start in range(0, E, BLOCK_E):
@@ -304,35 +277,40 @@ def _categorical_forward_kernel(
         l_pos = l_rows + e0 * stride_le
         if ONE_CHUNK:
             l, c = _read_classes(l_pos, 0, C, rows, positions, stride_lb, stride_le, stride_lc,
-                                 BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
+                                 BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, INDEX)
             l = l.to(ACC)
-            top = _class_max(l)
+            top = tl.max(tl.max(l, axis=0), axis=2)
             if TAIL_CH > 0:
                 l_tail, c_tail = _read_classes(
                     l_pos + BLOCK_C * stride_lc, BLOCK_C, C, rows, positions, stride_lb,
-                    stride_le, stride_lc, TAIL_CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
+                    stride_le, stride_lc, TAIL_CH, BLOCK_R, BLOCK_E, BLOCK_CL, INDEX)
                 l_tail = l_tail.to(ACC)
-                top = tl.maximum(top, _class_max(l_tail))
-            shift = _safe_shift(top)
-            total = _shifted_exp_sum(l, shift)
-            picked = _target_logit(l, c, target)
+                top = tl.maximum(top, tl.max(tl.max(l_tail, axis=0), axis=2))
+            # All classes −inf: shift by 0, so that exp(−inf − 0) = 0 rather than NaN.
+            shift = tl.where(top == float("-inf"), 0.0, top)[None, :, :, None]
+            at_target = c == target[None, :, :, None]
+            total = tl.sum(tl.sum(tl.exp(l - shift), axis=0), axis=2)
+            picked = tl.sum(tl.sum(tl.where(at_target, l, 0.0), axis=0), axis=2)
             if TAIL_CH > 0:
-                total += _shifted_exp_sum(l_tail, shift)
-                picked += _target_logit(l_tail, c_tail, target)
+                at_target = c_tail == target[None, :, :, None]
+                total += tl.sum(tl.sum(tl.exp(l_tail - shift), axis=0), axis=2)
+                picked += tl.sum(tl.sum(tl.where(at_target, l_tail, 0.0), axis=0), axis=2)
         else:
             top = tl.full((BLOCK_R, BLOCK_E), float("-inf"), ACC)
             total = tl.zeros((BLOCK_R, BLOCK_E), dtype=ACC)
             picked = tl.zeros((BLOCK_R, BLOCK_E), dtype=ACC)
             for c_start in range(0, C, BLOCK_C):
-                l, c = _read_classes(l_pos + tl.cast(c_start, tl.int64) * stride_lc, c_start, C,
-                                     rows, positions, stride_lb, stride_le, stride_lc,
-                                     BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
+                l, c = _read_classes(l_pos + tl.cast(c_start, tl.int64) * stride_lc, c_start,
+                                     C, rows, positions, stride_lb, stride_le, stride_lc,
+                                     BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, INDEX)
                 l = l.to(ACC)
-                new_top = tl.maximum(top, _class_max(l))
-                shift = _safe_shift(new_top)
-                total = total * tl.exp(top - shift) + _shifted_exp_sum(l, shift)
+                new_top = tl.maximum(top, tl.max(tl.max(l, axis=0), axis=2))
+                shift = tl.where(new_top == float("-inf"), 0.0, new_top)
+                total = (total * tl.exp(top - shift)
+                         + tl.sum(tl.sum(tl.exp(l - shift[None, :, :, None]), axis=0), axis=2))
                 top = new_top
-                picked += _target_logit(l, c, target)
+                at_target = c == target[None, :, :, None]
+                picked += tl.sum(tl.sum(tl.where(at_target, l, 0.0), axis=0), axis=2)
         log_p = picked - top - tl.log(tl.where(valid, total, 1.0))
         # An out-of-range class index gives NaN rather than a silently wrong value.
         log_p = tl.where(target >= 0, log_p, float("nan"))
@@ -349,7 +327,7 @@ def _categorical_backward_kernel(
     stride_dk, stride_db, stride_de,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_CH: tl.constexpr,
     TAIL_CH: tl.constexpr, BLOCK_CL: tl.constexpr, ONE_CHUNK: tl.constexpr,
-    WIDE: tl.constexpr,
+    INDEX: tl.constexpr,
 ):
     """One program: BLOCK_R rows b and BLOCK_E positions of one sample k (tiles as in the
     forward), writing ``g (onehot − softmax)`` into the contiguous ``[K, B, E, C]`` gradient.
@@ -363,64 +341,62 @@ def _categorical_backward_kernel(
     b0 = (rest % row_blocks).to(tl.int64) * BLOCK_R
     rows = tl.minimum(B - b0, BLOCK_R).to(tl.int32)
     positions = tl.minimum(E - e0, BLOCK_E).to(tl.int32)
-    r = _index(BLOCK_R, WIDE)
-    e = _index(BLOCK_E, WIDE)
+    r = tl.arange(0, BLOCK_R).to(INDEX)
+    e = tl.arange(0, BLOCK_E).to(INDEX)
     valid = (r < rows)[:, None] & (e < positions)[None, :]
     g = tl.load(g_ptr + k * stride_gk + b0 * stride_gb + r * stride_gb, mask=r < rows,
-                other=0.0).to(ACC)[:, None]
+                other=0.0).to(ACC)[None, :, None, None]
     target = _categorical_targets(t_ptr, b0, e0, r, e, valid, C, stride_tb, stride_te)
+    target = target[None, :, :, None]
     l_pos = l_ptr + k * stride_lk + b0 * stride_lb + e0 * stride_le
     dl_pos = dl_ptr + k * stride_dk + b0 * stride_db + e0 * stride_de
     if ONE_CHUNK:
         l, c = _read_classes(l_pos, 0, C, rows, positions, stride_lb, stride_le, stride_lc,
-                             BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
+                             BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, INDEX)
         l = l.to(ACC)
-        top = _class_max(l)
+        top = tl.max(tl.max(l, axis=0), axis=2)
         if TAIL_CH > 0:
             l_tail, c_tail = _read_classes(
                 l_pos + BLOCK_C * stride_lc, BLOCK_C, C, rows, positions, stride_lb, stride_le,
-                stride_lc, TAIL_CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
+                stride_lc, TAIL_CH, BLOCK_R, BLOCK_E, BLOCK_CL, INDEX)
             l_tail = l_tail.to(ACC)
-            top = tl.maximum(top, _class_max(l_tail))
-        shift = _per_class(_safe_shift(top))
+            top = tl.maximum(top, tl.max(tl.max(l_tail, axis=0), axis=2))
+        shift = tl.where(top == float("-inf"), 0.0, top)[None, :, :, None]
         p = tl.exp(l - shift)
-        total = _class_sum(p)
+        total = tl.sum(tl.sum(p, axis=0), axis=2)
         if TAIL_CH > 0:
             p_tail = tl.exp(l_tail - shift)
-            total += _class_sum(p_tail)
+            total += tl.sum(tl.sum(p_tail, axis=0), axis=2)
         # One division per position, softmax·g = p·(g / Σp); padding positions divide by 1.
-        weight = _per_class(g / tl.where(valid, total, 1.0))
-        g_at = _per_class(g)
-        _write_classes(dl_pos, tl.where(c == _per_class(target), g_at, 0.0) - p * weight, 0, C,
-                       rows, positions, stride_db, stride_de,
-                       BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
+        weight = g / tl.where(valid, total, 1.0)[None, :, :, None]
+        _write_classes(dl_pos, tl.where(c == target, g, 0.0) - p * weight, 0, C, rows,
+                       positions, stride_db, stride_de, BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL,
+                       INDEX)
         if TAIL_CH > 0:
-            _write_classes(dl_pos + BLOCK_C,
-                           tl.where(c_tail == _per_class(target), g_at, 0.0) - p_tail * weight,
-                           BLOCK_C, C, rows, positions, stride_db, stride_de,
-                           TAIL_CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
+            dl_tail = tl.where(c_tail == target, g, 0.0) - p_tail * weight
+            _write_classes(dl_pos + BLOCK_C, dl_tail, BLOCK_C, C, rows, positions, stride_db,
+                           stride_de, TAIL_CH, BLOCK_R, BLOCK_E, BLOCK_CL, INDEX)
     else:
         top = tl.full((BLOCK_R, BLOCK_E), float("-inf"), ACC)
         total = tl.zeros((BLOCK_R, BLOCK_E), dtype=ACC)
         for c_start in range(0, C, BLOCK_C):
             l, c = _read_classes(l_pos + tl.cast(c_start, tl.int64) * stride_lc, c_start, C,
                                  rows, positions, stride_lb, stride_le, stride_lc,
-                                 BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
+                                 BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, INDEX)
             l = l.to(ACC)
-            new_top = tl.maximum(top, _class_max(l))
-            shift = _safe_shift(new_top)
-            total = total * tl.exp(top - shift) + _shifted_exp_sum(l, shift)
+            new_top = tl.maximum(top, tl.max(tl.max(l, axis=0), axis=2))
+            shift = tl.where(new_top == float("-inf"), 0.0, new_top)
+            total = (total * tl.exp(top - shift)
+                     + tl.sum(tl.sum(tl.exp(l - shift[None, :, :, None]), axis=0), axis=2))
             top = new_top
-        lse = _per_class(top + tl.log(tl.where(valid, total, 1.0)))
+        lse = (top + tl.log(tl.where(valid, total, 1.0)))[None, :, :, None]
         for c_start in range(0, C, BLOCK_C):
             l, c = _read_classes(l_pos + tl.cast(c_start, tl.int64) * stride_lc, c_start, C,
                                  rows, positions, stride_lb, stride_le, stride_lc,
-                                 BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
-            onehot = tl.where(c == _per_class(target), 1.0, 0.0)
-            _write_classes(dl_pos + tl.cast(c_start, tl.int64),
-                           _per_class(g) * (onehot - tl.exp(l.to(ACC) - lse)), c_start, C,
-                           rows, positions, stride_db, stride_de,
-                           BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, WIDE)
+                                 BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, INDEX)
+            dl = g * (tl.where(c == target, 1.0, 0.0) - tl.exp(l.to(ACC) - lse))
+            _write_classes(dl_pos + tl.cast(c_start, tl.int64), dl, c_start, C, rows, positions,
+                           stride_db, stride_de, BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, INDEX)
 
 
 # ------------------------------------------------------------------------------- launchers
@@ -593,22 +569,23 @@ def _categorical_launch(B: int, E: int, C: int, *strides: tuple[int, ...]) -> di
     """Constexprs of both categorical kernels, from :func:`_categorical_blocks`."""
     block_r, block_e, block_ch, tail_ch, block_cl, warps = _categorical_blocks(B, E, C)
     lanes = (block_ch + tail_ch) * block_cl
+    wide = _needs_wide_offsets((block_r, block_e, lanes), *strides)
     return dict(BLOCK_R=block_r, BLOCK_E=block_e, BLOCK_CH=block_ch, TAIL_CH=tail_ch,
-                BLOCK_CL=block_cl, ONE_CHUNK=C <= lanes,
-                WIDE=_needs_wide_offsets((block_r, block_e, lanes), *strides), num_warps=warps)
+                BLOCK_CL=block_cl, ONE_CHUNK=C <= lanes, INDEX=tl.int64 if wide else tl.int32,
+                num_warps=warps)
 
 
 def categorical_log_prob_forward(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """logits ``[K, B, *event, C]``, target int64 ``[B, *event]`` -> ``[K, B]``."""
     K, B, C = logits.shape[0], logits.shape[1], logits.shape[-1]
     out = torch.empty((K, B), dtype=torch_acc_dtype(logits.dtype), device=logits.device)
-    l = logits.reshape(K, B, -1, C)
-    E = l.shape[2]
+    E = math.prod(logits.shape[2:-1])  # not reshape(..., -1): ambiguous when K·B = 0
     if out.numel() == 0:
         return out
     if E == 0:
         return out.zero_()
-    t = target.reshape(B, -1)
+    l = logits.reshape(K, B, E, C)
+    t = target.reshape(B, E)
     launch = _categorical_launch(B, E, C, l.stride()[1:], t.stride())
     row_blocks = cdiv(B, launch["BLOCK_R"])
     _categorical_forward_kernel[(K * row_blocks,)](
@@ -623,11 +600,11 @@ def categorical_log_prob_backward(grad: torch.Tensor | None, logits: torch.Tenso
     tuple: one gradient per differentiable input)."""
     K, B, C = logits.shape[0], logits.shape[1], logits.shape[-1]
     dl = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    l = logits.reshape(K, B, -1, C)
-    E = l.shape[2]
     if grad is None or dl.numel() == 0:
         return (dl.zero_(),)
-    t = target.reshape(B, -1)
+    E = math.prod(logits.shape[2:-1])
+    l = logits.reshape(K, B, E, C)
+    t = target.reshape(B, E)
     d = dl.view(K, B, E, C)
     launch = _categorical_launch(B, E, C, l.stride()[1:], t.stride(), d.stride()[1:])
     row_blocks, e_blocks = cdiv(B, launch["BLOCK_R"]), cdiv(E, launch["BLOCK_E"])

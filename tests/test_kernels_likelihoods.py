@@ -159,6 +159,162 @@ def test_categorical_out_of_range_target(bad):
     assert torch.isnan(out[:, 0]).all() and torch.isfinite(out[:, 1]).all()
 
 
+# Categorical tiles forced per case: (BLOCK_R, BLOCK_E, BLOCK_CH, TAIL_CH, BLOCK_CL). A program
+# reads BLOCK_R rows b of one sample k and BLOCK_E positions; classes in one chunk of
+# (BLOCK_CH + TAIL_CH)·BLOCK_CL lanes when C fits, else BLOCK_CH·BLOCK_CL-class chunks.
+CATEGORICAL_TILES = [
+    # id, K, B, event, C, tiles, one chunk
+    ("rows-partial-block", 3, 5, (4,), 7, (2, 4, 1, 0, 8), True),
+    ("odd-E3-two-position-blocks", 2, 3, (3,), 11, (2, 2, 2, 0, 8), True),
+    ("odd-E5-rows-past-B", 2, 3, (5,), 13, (4, 4, 4, 0, 4), True),
+    ("2d-event-tail", 2, 3, (2, 3), 12, (2, 8, 1, 1, 8), True),
+    ("tail-71", 2, 3, (8,), 71, (2, 8, 8, 1, 8), True),
+    ("tail-one-class-lane", 2, 3, (4,), 5, (4, 4, 4, 1, 1), True),
+    ("chunked-71", 2, 3, (4,), 71, (2, 4, 4, 0, 8), False),
+    ("chunked-no-event", 4, 3, (), 9, (2, 1, 2, 0, 4), False),
+    ("C1", 3, 2, (3,), 1, (2, 4, 1, 0, 1), True),
+    ("C256-one-chunk", 2, 2, (2,), 256, (2, 2, 32, 0, 8), True),
+    ("C256-chunked", 2, 2, (2,), 256, (1, 2, 8, 0, 8), False),
+]
+
+
+@pytest.fixture
+def categorical_tiles(monkeypatch):
+    """``force(tiles)``: the categorical launchers use these blocks (and one warp)."""
+    def force(tiles):
+        monkeypatch.setattr(kernel, "_categorical_blocks", lambda B, E, C: (*tiles, 1))
+    return force
+
+
+def class_targets(B, event, C, seed):
+    """Random class indices, with the first positions pinned to both ends of the classes and
+    to the first and last class of the power-of-two part (a tail tile starts after it)."""
+    target = torch.randint(0, C, (B, *event), generator=gen(seed)).reshape(B, -1)
+    edges = torch.tensor([C - 1, 0, C // 2, max(C - 8, 0)])[: target.shape[1]]
+    target[0, : edges.numel()] = edges
+    return target.reshape(B, *event).to(DEVICE)
+
+
+@pytest.mark.parametrize("K,B,event,C,tiles,one_chunk",
+                         [case[1:] for case in CATEGORICAL_TILES],
+                         ids=[case[0] for case in CATEGORICAL_TILES])
+def test_categorical_tiles(K, B, event, C, tiles, one_chunk, categorical_tiles):
+    categorical_tiles(tiles)
+    E = math.prod(event)
+    launch = kernel._categorical_launch(B, E, C, (E * C, C, 1), (E, 1))
+    assert launch["ONE_CHUNK"] == one_chunk  # the case takes the path it is named after
+    logits = randn(K, B, *event, C, seed=80, scale=3.0).requires_grad_(True)
+    target = class_targets(B, event, C, seed=81)
+    check(categorical_log_prob(logits, target), event_sum(categorical_elements(logits, target)),
+          [logits], seed=82)
+
+
+@pytest.mark.parametrize("tiles", [(2, 2, 2, 1, 8), (2, 2, 2, 0, 8)], ids=["tail", "chunked"])
+def test_categorical_non_contiguous(tiles, categorical_tiles):
+    """Logits read by their strides: classes every other element, and the K and B axes
+    swapped in memory; a strided target too."""
+    categorical_tiles(tiles)
+    K, B, E, C = 3, 5, 3, 19
+    spread = randn(K, B, E, 2 * C, seed=83, scale=2.0).requires_grad_(True)
+    swapped = randn(B, K, E, C, seed=84, scale=2.0).requires_grad_(True)
+    target = torch.randint(0, C, (B, 2 * E), generator=gen(85)).to(DEVICE)[:, ::2]
+    for leaf, logits in ((spread, spread[..., ::2]), (swapped, swapped.transpose(0, 1))):
+        assert not logits.is_contiguous()
+        check(categorical_log_prob(logits, target),
+              event_sum(categorical_elements(logits, target)), [leaf], seed=86)
+
+
+def test_categorical_wide_offsets(monkeypatch, categorical_tiles):
+    """The int64 in-tile offsets (taken when a tile's offsets could pass 2^31) compute the same."""
+    categorical_tiles((2, 2, 2, 1, 8))
+    monkeypatch.setattr(kernel, "_needs_wide_offsets", lambda *strides: True)
+    logits = randn(2, 3, 3, 21, seed=87, scale=2.0).requires_grad_(True)
+    target = class_targets(3, (3,), 21, seed=88)
+    check(categorical_log_prob(logits, target), event_sum(categorical_elements(logits, target)),
+          [logits], seed=89)
+
+
+def test_categorical_wide_offsets_rule():
+    """int64 offsets exactly when (block − 1)·stride summed over a tile's axes reaches 2^31."""
+    assert not kernel._needs_wide_offsets((4, 8, 128), (1000, 100, 1), (8, 1))
+    assert kernel._needs_wide_offsets((4, 8, 128), (2 ** 30, 100, 1), (8, 1))
+    assert kernel._needs_wide_offsets((1, 8, 128), (1, 1, 1), (2 ** 40, 2 ** 29))  # target
+    assert not kernel._needs_wide_offsets((1, 8, 128), (2 ** 40, 1, 1), (8, 1))  # one row
+
+
+def test_categorical_default_tiles_row_blocks():
+    """The interpreter's own blocks: 40 rows b of 8 x 71 fill one row block and part of a second
+    (a power-of-two row block below budget / (E·lanes), not the quotient itself)."""
+    logits = randn(2, 40, 8, 71, seed=90, scale=3.0).requires_grad_(True)
+    target = class_targets(40, (8,), 71, seed=91)
+    check(categorical_log_prob(logits, target), event_sum(categorical_elements(logits, target)),
+          [logits], seed=92)
+
+
+def test_categorical_default_tiles_above_one_chunk():
+    """1100 classes: more than one chunk's 1024, so the online log-sum-exp over chunks."""
+    logits = randn(1, 2, 2, 1100, seed=93, scale=4.0).requires_grad_(True)
+    target = class_targets(2, (2,), 1100, seed=94)
+    check(categorical_log_prob(logits, target), event_sum(categorical_elements(logits, target)),
+          [logits], seed=95)
+
+
+@pytest.mark.parametrize("tiles", [(2, 4, 2, 1, 8), (2, 4, 2, 0, 8)], ids=["tail", "chunked"])
+def test_categorical_minus_infinity_logits(tiles, categorical_tiles):
+    """−inf logits (excluded classes) have probability 0 in the main part, the tail and a later
+    chunk; a position whose every logit is −inf makes its row NaN (0/0), no other row."""
+    categorical_tiles(tiles)
+    K, B, E, C = 2, 3, 4, 21
+    logits = randn(K, B, E, C, seed=96, scale=2.0)
+    target = class_targets(B, (E,), C, seed=97)
+    excluded = torch.rand(K, B, E, C, generator=gen(98)) < 0.3
+    excluded.scatter_(-1, target.expand(K, B, E).unsqueeze(-1), False)
+    excluded[..., 17:] = True   # the tail (classes 16..20) and the last chunk but class 16
+    excluded.scatter_(-1, target.expand(K, B, E).unsqueeze(-1), False)
+    logits = logits.masked_fill(excluded, float("-inf")).requires_grad_(True)
+    out = categorical_log_prob(logits, target)
+    expected = event_sum(categorical_elements(logits, target))
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    (grad,) = torch.autograd.grad(out.sum(), logits)
+    (want,) = torch.autograd.grad(expected.sum(), logits)
+    torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-10)
+    assert torch.equal(grad[excluded], torch.zeros_like(grad[excluded]))
+
+    dead = logits.detach().clone()
+    dead[1, 2, 3] = float("-inf")
+    out = kernel.categorical_log_prob_forward(dead, target)
+    assert torch.isnan(out[1, 2])
+    assert torch.isfinite(out[1, :2]).all() and torch.isfinite(out[0]).all()
+
+
+def test_categorical_out_of_range_target_rows(categorical_tiles):
+    """Several rows a program: an out-of-range index makes NaN its own row only (in every k)."""
+    categorical_tiles((2, 2, 2, 1, 8))
+    logits = randn(3, 5, 3, 21, seed=99)
+    target = class_targets(5, (3,), 21, seed=100)
+    bad = target.clone()
+    bad[3, 2] = 21
+    out = kernel.categorical_log_prob_forward(logits, bad)
+    expected = event_sum(categorical_elements(logits, target))
+    rows = [0, 1, 2, 4]
+    assert torch.isnan(out[:, 3]).all()
+    torch.testing.assert_close(out[:, rows], expected[:, rows], rtol=1e-10, atol=1e-10)
+
+
+def test_categorical_empty():
+    """No positions: every row sums nothing (0), gradient empty. No samples or no rows: an empty
+    output (the event's size is not inferred from an empty tensor). No upstream gradient: 0."""
+    for shape in [(2, 3, 0, 5), (0, 3, 4, 5), (2, 0, 4, 5), (0, 3, 0, 5)]:
+        logits = randn(*shape, seed=101).requires_grad_(True)
+        target = torch.zeros(shape[1:-1], dtype=torch.int64, device=DEVICE)
+        out = categorical_log_prob(logits, target)
+        assert torch.equal(out, torch.zeros(shape[:2], dtype=F64, device=DEVICE))
+        (grad,) = torch.autograd.grad(out.sum(), logits)
+        assert grad.shape == logits.shape
+    full = randn(2, 3, 4, 5, seed=102)
+    (dl,) = kernel.categorical_log_prob_backward(None, full, torch.zeros(3, 4, dtype=torch.int64))
+    assert torch.equal(dl, torch.zeros_like(full))
+
 # ------------------------------------------------------------------------- normal, laplace
 
 FAMILIES = {"normal": (normal_log_prob, normal_elements),
