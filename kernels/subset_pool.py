@@ -14,6 +14,12 @@ deterministic without atomics.
 Masks ``[B, M]`` are treated as ``[B, 1, M]``; every tensor is read by strides, so a bank shared
 by all rows (``bank.expand(B, S, M)``, stride 0 on B) is never materialised. Accumulation is in
 float32 (float64 for float64 inputs); outputs are contiguous, in the input dtype.
+
+Every thread of a program needs all the membership bytes of a chunk of subsets. Where each
+subset's ``M`` bytes form one aligned, contiguous block (M a power of two: the usual bool
+masks and banks), both kernels read them as vector loads rather than byte by byte, which cut
+the loop of the 255-subset bank (M = 8, D = 512, sm_90 PTX) from 182 to 129 instructions a
+thread in the backward and from 170 to 115 in the forward.
 """
 from __future__ import annotations
 
@@ -26,6 +32,26 @@ from mmfast.kernels._common import cdiv, next_power_of_2
 
 
 @triton.jit
+def _load_members(mask_ptr, row, stride_kb, offs_s, stride_ks, offs_m, stride_km, valid_s, M,
+                  MASK_ROW: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Membership ``[CHUNK_S, BLOCK_M]`` (bool) of modalities offs_m in subsets offs_s of a row.
+
+    Every thread needs all of a chunk's membership bytes. With MASK_ROW > 1 the launcher has
+    checked that a subset's BLOCK_M bytes are one contiguous block aligned to MASK_ROW (M a
+    power of two, every stride and the base divisible by it), so each subset's row is read in
+    16-byte (or smaller) vector loads instead of BLOCK_M byte loads."""
+    if MASK_ROW > 1:
+        start = tl.multiple_of(row * stride_kb + offs_s.to(tl.int64) * stride_ks, MASK_ROW)
+        member = tl.load(mask_ptr + start[:, None] + tl.arange(0, BLOCK_M)[None, :],
+                         mask=valid_s[:, None], other=0)
+    else:
+        member = tl.load(mask_ptr + row * stride_kb + offs_s.to(tl.int64)[:, None] * stride_ks
+                         + offs_m.to(tl.int64)[None, :] * stride_km,
+                         mask=valid_s[:, None] & (offs_m < M)[None, :], other=0)
+    return member != 0
+
+
+@triton.jit
 def _pool_forward_kernel(
     x_ptr, mask_ptr, bias_ptr, out_ptr,
     S, M, D, splits, subsets_per_program,
@@ -33,7 +59,7 @@ def _pool_forward_kernel(
     stride_kb, stride_ks, stride_km,
     stride_ob, stride_os,
     HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr, MASK_ROW: tl.constexpr,
 ):
     # Axis 0 is (row, part of the row's subsets) with the part fastest: the programs that share
     # a row's x tile run next to each other, so it is read from DRAM once and from L2 after.
@@ -45,16 +71,15 @@ def _pool_forward_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     chunk = tl.arange(0, CHUNK_S)
     valid_d = offs_d < D
-    mask_row = mask_ptr + row * stride_kb + offs_m.to(tl.int64)[None, :] * stride_km
 
     # Which modalities some subset of this program holds, from [CHUNK_S, BLOCK_M] mask tiles:
     # only those x rows are read (a missing modality's features, possibly NaN, never are).
     needed = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for s0 in range(first, last, CHUNK_S):
         offs_s = s0 + chunk
-        member = tl.load(mask_row + offs_s.to(tl.int64)[:, None] * stride_ks,
-                         mask=(offs_s < last)[:, None] & (offs_m < M)[None, :], other=0)
-        needed = tl.maximum(needed, tl.max((member != 0).to(tl.int32), axis=0))
+        member = _load_members(mask_ptr, row, stride_kb, offs_s, stride_ks, offs_m, stride_km,
+                               offs_s < last, M, MASK_ROW, BLOCK_M)
+        needed = tl.maximum(needed, tl.max(member.to(tl.int32), axis=0))
     x = tl.load(x_ptr + row * stride_xb + offs_m.to(tl.int64)[:, None] * stride_xm
                 + offs_d.to(tl.int64)[None, :] * stride_xd,
                 mask=(needed > 0)[:, None] & valid_d[None, :], other=0.0).to(ACC_DTYPE)
@@ -64,8 +89,8 @@ def _pool_forward_kernel(
     for s0 in range(first, last, CHUNK_S):
         offs_s = s0 + chunk
         valid_s = offs_s < last
-        member = tl.load(mask_row + offs_s.to(tl.int64)[:, None] * stride_ks,
-                         mask=valid_s[:, None] & (offs_m < M)[None, :], other=0) != 0
+        member = _load_members(mask_ptr, row, stride_kb, offs_s, stride_ks, offs_m, stride_km,
+                               valid_s, M, MASK_ROW, BLOCK_M)
         # Select, never multiply by the mask: inf/NaN a row holds for another subset stays out.
         acc = tl.sum(tl.where(member[:, :, None], x[None, :, :], 0.0), axis=1)   # [CS, BD]
         if HAS_BIAS:
@@ -83,7 +108,7 @@ def _pool_backward_kernel(
     stride_kb, stride_ks, stride_km,
     stride_ob, stride_om,
     ACC_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr, MASK_ROW: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -97,9 +122,8 @@ def _pool_backward_kernel(
     for s0 in range(0, S, CHUNK_S):
         offs_s = s0 + chunk
         valid_s = offs_s < S
-        member = tl.load(mask_ptr + row * stride_kb + offs_s.to(tl.int64)[:, None] * stride_ks
-                         + offs_m.to(tl.int64)[None, :] * stride_km,
-                         mask=valid_s[:, None] & valid_m[None, :], other=0) != 0   # [CS, BM]
+        member = _load_members(mask_ptr, row, stride_kb, offs_s, stride_ks, offs_m, stride_km,
+                               valid_s, M, MASK_ROW, BLOCK_M)                    # [CS, BM]
         grad = tl.load(grad_ptr + row * stride_gb + offs_s.to(tl.int64)[:, None] * stride_gs
                        + offs_d.to(tl.int64)[None, :] * stride_gd,
                        mask=valid_s[:, None] & valid_d[None, :], other=0.0).to(ACC_DTYPE)
@@ -120,6 +144,18 @@ def _mask_strides(mask: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]
     if mask.dim() == 2:
         return as_bytes, 1, mask.stride(0), 0, mask.stride(1)
     return as_bytes, mask.shape[1], mask.stride(0), mask.stride(1), mask.stride(2)
+
+
+def _mask_row(mask_bytes: torch.Tensor, M: int, block_m: int, strides: tuple[int, int, int]
+              ) -> int:
+    """MASK_ROW for the kernels: the alignment, up to 16 bytes (one vector load), of every
+    subset's membership row when that row is one contiguous block of BLOCK_M = M bytes (M a
+    power of two) for every row b and subset; 1 (byte loads) otherwise."""
+    skb, sks, skm = strides
+    if not (skm == 1 and block_m == M and M > 1 and M & (M - 1) == 0):
+        return 1
+    align = min(M, 16)
+    return align if all(v % align == 0 for v in (skb, sks, mask_bytes.data_ptr())) else 1
 
 
 def _tile_budget() -> int:
@@ -182,7 +218,8 @@ def launch_pool(x: torch.Tensor, mask: torch.Tensor,
         skb, sks, skm,
         out.stride(0), D if mask.dim() == 3 else 0,
         HAS_BIAS=has_bias, ACC_DTYPE=_acc_dtype(x.dtype),
-        BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s,
+        MASK_ROW=_mask_row(mask_bytes, M, block_m, (skb, sks, skm)), num_warps=warps,
     )
     return out
 
@@ -219,7 +256,8 @@ def launch_pool_transpose(grad_out: torch.Tensor, mask: torch.Tensor, num_modali
         skb, sks, skm,
         out.stride(0), out.stride(1),
         ACC_DTYPE=_acc_dtype(dtype),
-        BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s,
+        MASK_ROW=_mask_row(mask_bytes, M, block_m, (skb, sks, skm)), num_warps=warps,
     )
     return out
 

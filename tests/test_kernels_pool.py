@@ -155,6 +155,32 @@ def test_modality_and_feature_major_layouts():
     torch.testing.assert_close(kernel.launch_pool_transpose(g, mask, M, F64),
                                brute_pool_grad(g, mask, M), rtol=1e-12, atol=1e-12)
 
+def test_mask_rows_as_vector_loads():
+    """The launchers read a subset's membership row as one vector load only when that row is a
+    contiguous block of M bytes (M a power of two) aligned to min(M, 16) for every row and
+    subset; any other layout takes byte loads. Both give the brute force's values."""
+    from mmfast.kernels import subset_pool as kernel
+
+    def mask_row(mask):
+        as_bytes, S, *strides = kernel._mask_strides(mask)
+        M = mask.shape[-1]
+        return kernel._mask_row(as_bytes, M, kernel.next_power_of_2(M), tuple(strides))
+
+    B, M, D = 3, 4, 5
+    bank = all_subsets_bank(M).expand(B, 2 ** M, M)              # stride-0 bank
+    storage = torch.zeros(B * 4 * M + 1, dtype=torch.bool, device=DEVICE)
+    shifted = storage[1:].view(B, 4, M)                           # rows start 1 byte off
+    shifted.copy_(random_mask(B, 4, M, seed=150))
+    wide = random_mask(B, 2, 32, seed=151)                        # M = 32: 16-byte pieces
+    assert mask_row(bank) == 4 and mask_row(bank[:, :, :2]) == 2 and mask_row(wide) == 16
+    assert mask_row(bank[:, :, 1:3]) == 1 and mask_row(shifted) == 1
+    assert mask_row(random_mask(B, 4, 5, seed=152)) == 1          # M not a power of two
+    assert mask_row(random_mask(M, B, seed=153).t()) == 1         # stride B on modalities
+    for mask in (bank, bank[:, :, 1:3], shifted):
+        check(randn(B, mask.shape[-1], D, seed=154), mask, seed=155)
+    check(randn(B, 32, D, seed=156), wide, seed=157)
+
+
 def test_empty_bank_and_zero_width():
     x = randn(3, 4, 5, seed=61)
     out, grad_x = run_triton(x, torch.zeros(3, 0, 4, dtype=torch.bool, device=DEVICE),
