@@ -56,15 +56,7 @@ import triton.language as tl
 
 from mmfast.backend import triton_interpreting
 from mmfast.kernels._common import cdiv, next_power_of_2
-
-
-@triton.jit
-def _load_members(mask_ptr, row, offs_s, offs_m, S, M, stride_kb, stride_ks, stride_km):
-    """bool ``[CHUNK_S, BLOCK_M]``: whether modality m is in subset s (False off the edges)."""
-    valid = (offs_s < S)[:, None] & (offs_m < M)[None, :]
-    ptrs = (mask_ptr + row * stride_kb + offs_s.to(tl.int64)[:, None] * stride_ks
-            + offs_m.to(tl.int64)[None, :] * stride_km)
-    return tl.load(ptrs, mask=valid, other=0) != 0
+from mmfast.kernels._masks import load_members, mask_layout, mask_row
 
 
 @triton.jit
@@ -98,15 +90,16 @@ def _load_experts(mu_ptr, lv_ptr, mask_ptr, pmu_ptr, plv_ptr, row, first, last, 
                   chunk, valid_d, M, stride_mb, stride_mm, stride_md, stride_vb, stride_vm,
                   stride_vd, stride_kb, stride_ks, stride_km, stride_pb, stride_pd, stride_qb,
                   stride_qd, HAS_PRIOR: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr,
+                  MASK_ROW: tl.constexpr):
     """The experts a program needs for subsets ``[first, last)`` of ``row``: mu and -logvar
     ``[BLOCK_M, BLOCK_D]``, the prior's mean and log-precision ``[BLOCK_D]``, and which rows
     were read (``[BLOCK_M]`` bool). Only the rows of modalities some of those subsets hold are
     read (NaN in the others cannot leak)."""
     needed = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for s0 in range(first, last, CHUNK_S):
-        member = _load_members(mask_ptr, row, s0 + chunk, offs_m, last, M,
-                               stride_kb, stride_ks, stride_km)
+        member = load_members(mask_ptr, row, s0 + chunk, last, offs_m, M, stride_kb,
+                              stride_ks, stride_km, MASK_ROW, BLOCK_M)
         needed = tl.maximum(needed, tl.max(member.to(tl.int32), axis=0))
     needed = needed > 0
     mu = _load_rows(mu_ptr, row, offs_m, offs_d, needed, valid_d,
@@ -237,7 +230,7 @@ def _poe_forward_kernel(
     stride_pb, stride_pd, stride_qb, stride_qd,
     stride_ob, stride_os,
     HAS_PRIOR: tl.constexpr, SHARED_SHIFT: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr, MASK_ROW: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -251,7 +244,7 @@ def _poe_forward_kernel(
         mu_ptr, lv_ptr, mask_ptr, pmu_ptr, plv_ptr, row, first, last, offs_m, offs_d, chunk,
         valid_d, M, stride_mb, stride_mm, stride_md, stride_vb, stride_vm, stride_vd,
         stride_kb, stride_ks, stride_km, stride_pb, stride_pd, stride_qb, stride_qd,
-        HAS_PRIOR, ACC_DTYPE, BLOCK_M, BLOCK_D, CHUNK_S)
+        HAS_PRIOR, ACC_DTYPE, BLOCK_M, BLOCK_D, CHUNK_S, MASK_ROW)
     shift, narrow, split = _shared_shift(neg_logvar, needed, prior_l, valid_d, max_range, first,
                                          last, HAS_PRIOR, SHARED_SHIFT)
     # Shared shift: one exp per expert and feature for all subsets; a subset costs selections
@@ -260,8 +253,8 @@ def _poe_forward_kernel(
     e_mu = e * mu
     for s0 in range(first, split, CHUNK_S):
         offs_s = s0 + chunk
-        member = _load_members(mask_ptr, row, offs_s, offs_m, last, M,
-                               stride_kb, stride_ks, stride_km)
+        member = load_members(mask_ptr, row, offs_s, last, offs_m, M, stride_kb, stride_ks,
+                              stride_km, MASK_ROW, BLOCK_M)
         total, weighted = _subset_sums(member, e, e_mu, e_prior, prior_mu, HAS_PRIOR)
         nonempty = total != 0
         safe_total = tl.where(nonempty, total, 1.0)
@@ -280,8 +273,8 @@ def _poe_forward_kernel(
     # Per-subset shift.
     for s0 in range(split, last, CHUNK_S):
         offs_s = s0 + chunk
-        member = _load_members(mask_ptr, row, offs_s, offs_m, last, M,
-                               stride_kb, stride_ks, stride_km)
+        member = load_members(mask_ptr, row, offs_s, last, offs_m, M, stride_kb, stride_ks,
+                              stride_km, MASK_ROW, BLOCK_M)
         e_s, e_prior_s, total, top, out_mu = _subset_product(member, mu, neg_logvar, prior_mu,
                                                              prior_l, HAS_PRIOR)
         out_lv = tl.where(total != 0, -(top + tl.log(tl.where(total != 0, total, 1.0))), 0.0)
@@ -314,7 +307,7 @@ def _poe_backward_kernel(
     stride_kb, stride_ks, stride_km,
     stride_pb, stride_pd, stride_qb, stride_qd,
     HAS_PRIOR: tl.constexpr, SHARED_SHIFT: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr, MASK_ROW: tl.constexpr,
 ):
     # Axis 0 is (row, part of the row's subsets), part fastest. With several parts each writes
     # its own partial sums (slab `part` of a workspace), reduced afterwards in a fixed order.
@@ -333,7 +326,7 @@ def _poe_backward_kernel(
         mu_ptr, lv_ptr, mask_ptr, pmu_ptr, plv_ptr, row, first, last, offs_m, offs_d, chunk,
         valid_d, M, stride_mb, stride_mm, stride_md, stride_vb, stride_vm, stride_vd,
         stride_kb, stride_ks, stride_km, stride_pb, stride_pd, stride_qb, stride_qd,
-        HAS_PRIOR, ACC_DTYPE, BLOCK_M, BLOCK_D, CHUNK_S)
+        HAS_PRIOR, ACC_DTYPE, BLOCK_M, BLOCK_D, CHUNK_S, MASK_ROW)
     # The program's subsets, a chunk at a time, always in the same order: deterministic.
     shift, narrow, split = _shared_shift(neg_logvar, needed, prior_l, valid_d, max_range, first,
                                          last, HAS_PRIOR, SHARED_SHIFT)
@@ -363,8 +356,8 @@ def _poe_backward_kernel(
     prior_b = tl.zeros((BLOCK_D,), dtype=ACC_DTYPE)
     for s0 in range(first, split, CHUNK_S):
         offs_s = s0 + chunk
-        member = _load_members(mask_ptr, row, offs_s, offs_m, last, M,
-                               stride_kb, stride_ks, stride_km)
+        member = load_members(mask_ptr, row, offs_s, last, offs_m, M, stride_kb, stride_ks,
+                              stride_km, MASK_ROW, BLOCK_M)
         total, weighted = _subset_sums(member, e, e_mu, e_prior, prior_mu_c, HAS_PRIOR)
         inv_total = _inverse_or_zero(total)
         g_mu, g_lv = _load_grads(gmu_ptr, glv_ptr, row, offs_s, d64, last, valid_d,
@@ -383,8 +376,8 @@ def _poe_backward_kernel(
     # acc_a, acc_b, prior_a and prior_b (only one of the two loops runs: registers are scarce).
     for s0 in range(split, last, CHUNK_S):
         offs_s = s0 + chunk
-        member = _load_members(mask_ptr, row, offs_s, offs_m, last, M,
-                               stride_kb, stride_ks, stride_km)
+        member = load_members(mask_ptr, row, offs_s, last, offs_m, M, stride_kb, stride_ks,
+                              stride_km, MASK_ROW, BLOCK_M)
         e_s, e_prior_s, total, top, out_mu = _subset_product(member, mu, neg_logvar, prior_mu,
                                                              prior_l, HAS_PRIOR)
         inv_total = _inverse_or_zero(total)
@@ -426,14 +419,6 @@ def _poe_backward_kernel(
 
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _mask_layout(mask: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int, int]]:
-    """The mask as bytes, S, and its (b, s, m) strides; ``[B, M]`` is one subset per row."""
-    as_bytes = mask.view(torch.uint8)
-    if mask.dim() == 2:
-        return as_bytes, 1, (mask.stride(0), 0, mask.stride(1))
-    return as_bytes, mask.shape[1], tuple(mask.stride())
 
 
 def _per_subset_strides(t: torch.Tensor, mask: torch.Tensor) -> tuple[int, int, int]:
@@ -493,7 +478,7 @@ def gaussian_poe_forward(mu: torch.Tensor, logvar: torch.Tensor, mask: torch.Ten
         contiguous ``(mu, logvar)``, each ``[B, (S,) d]`` in ``mu.dtype``.
     """
     B, M, D = mu.shape
-    mask_bytes, S, (skb, sks, skm) = _mask_layout(mask)
+    mask_bytes, S, (skb, sks, skm) = mask_layout(mask)
     shape = (*mask.shape[:-1], D)
     out_mu = torch.empty(shape, dtype=mu.dtype, device=mu.device)
     out_lv = torch.empty(shape, dtype=mu.dtype, device=mu.device)
@@ -516,7 +501,8 @@ def gaussian_poe_forward(mu: torch.Tensor, logvar: torch.Tensor, mask: torch.Ten
         spb, spd, sqb, sqd,
         out_mu.stride(0), sos,
         HAS_PRIOR=prior_mu is not None, SHARED_SHIFT=S > 1, ACC_DTYPE=_acc_dtype(mu.dtype),
-        BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s,
+        MASK_ROW=mask_row(mask_bytes, M, block_m, (skb, sks, skm)), num_warps=warps,
     )
     return out_mu, out_lv
 
@@ -536,7 +522,7 @@ def gaussian_poe_backward(grad_mu: torch.Tensor, grad_logvar: torch.Tensor, mu: 
         ``[B, d]`` twice (empty tensors when there is no prior), contiguous, in ``mu.dtype``.
     """
     B, M, D = mu.shape
-    mask_bytes, S, (skb, sks, skm) = _mask_layout(mask)
+    mask_bytes, S, (skb, sks, skm) = mask_layout(mask)
     has_prior = prior_mu is not None
     if B * D == 0:
         return (mu.new_empty((B, M, D)), mu.new_empty((B, M, D)),
@@ -565,7 +551,8 @@ def gaussian_poe_backward(grad_mu: torch.Tensor, grad_logvar: torch.Tensor, mu: 
         skb, sks, skm,
         spb, spd, sqb, sqd,
         HAS_PRIOR=has_prior, SHARED_SHIFT=S > 1, ACC_DTYPE=_acc_dtype(mu.dtype),
-        BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s,
+        MASK_ROW=mask_row(mask_bytes, M, block_m, (skb, sks, skm)), num_warps=warps,
     )
     dmu, dlv = _sum_parts(dmu, mu.dtype), _sum_parts(dlv, mu.dtype)
     if has_prior:

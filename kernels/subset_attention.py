@@ -60,6 +60,7 @@ import triton.language as tl
 
 from mmfast.backend import triton_interpreting
 from mmfast.kernels._common import cdiv, next_power_of_2
+from mmfast.kernels._masks import mask_layout
 
 
 @triton.jit
@@ -327,15 +328,6 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _mask_layout(mask: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int, int]]:
-    """The mask as bytes (bool and uint8 share a layout), S, and its (b, s, m) strides; a
-    ``[B, M]`` mask is one subset per row."""
-    as_bytes = mask.view(torch.uint8)
-    if mask.dim() == 2:
-        return as_bytes, 1, (mask.stride(0), 0, mask.stride(1))
-    return as_bytes, mask.shape[1], tuple(mask.stride())
-
-
 def _per_subset_strides(t: torch.Tensor, mask: torch.Tensor) -> tuple[int, ...]:
     """(b, s, rest...) strides of a tensor shaped ``[B, (S,) ...]`` like the mask's leading
     axes (s stride 0 for a ``[B, M]`` mask)."""
@@ -419,7 +411,7 @@ def subset_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     B, M, E = q.shape
     H = num_heads
     Dh = E // H
-    mask_bytes, S, (smb, sms, smm) = _mask_layout(mask)
+    mask_bytes, S, (smb, sms, smm) = mask_layout(mask)
     out = torch.empty((*mask.shape[:-1], M, E), dtype=q.dtype, device=q.device)
     lse = torch.empty((*mask.shape[:-1], H, M), dtype=_lse_dtype(q.dtype), device=q.device)
     if B * S * M == 0:
@@ -467,7 +459,7 @@ def subset_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     B, M, E = q.shape
     H = num_heads
     Dh = E // H
-    mask_bytes, S, (smb, sms, smm) = _mask_layout(mask)
+    mask_bytes, S, (smb, sms, smm) = mask_layout(mask)
     dq = torch.empty((B, M, E), dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)

@@ -15,11 +15,9 @@ Masks ``[B, M]`` are treated as ``[B, 1, M]``; every tensor is read by strides, 
 by all rows (``bank.expand(B, S, M)``, stride 0 on B) is never materialised. Accumulation is in
 float32 (float64 for float64 inputs); outputs are contiguous, in the input dtype.
 
-Every thread of a program needs all the membership bytes of a chunk of subsets. Where each
-subset's ``M`` bytes form one aligned, contiguous block (M a power of two: the usual bool
-masks and banks), both kernels read them as vector loads rather than byte by byte, which cut
-the loop of the 255-subset bank (M = 8, D = 512, sm_90 PTX) from 182 to 129 instructions a
-thread in the backward and from 170 to 115 in the forward.
+Membership tiles come from :mod:`mmfast.kernels._masks` (vector loads where the mask's rows
+allow: at the 255-subset bank, M = 8, D = 512, sm_90 PTX, they cut the loop from 182 to 129
+instructions a thread in the backward and from 170 to 115 in the forward).
 """
 from __future__ import annotations
 
@@ -29,26 +27,7 @@ import triton.language as tl
 
 from mmfast.backend import triton_interpreting
 from mmfast.kernels._common import cdiv, next_power_of_2
-
-
-@triton.jit
-def _load_members(mask_ptr, row, stride_kb, offs_s, stride_ks, offs_m, stride_km, valid_s, M,
-                  MASK_ROW: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Membership ``[CHUNK_S, BLOCK_M]`` (bool) of modalities offs_m in subsets offs_s of a row.
-
-    Every thread needs all of a chunk's membership bytes. With MASK_ROW > 1 the launcher has
-    checked that a subset's BLOCK_M bytes are one contiguous block aligned to MASK_ROW (M a
-    power of two, every stride and the base divisible by it), so each subset's row is read in
-    16-byte (or smaller) vector loads instead of BLOCK_M byte loads."""
-    if MASK_ROW > 1:
-        start = tl.multiple_of(row * stride_kb + offs_s.to(tl.int64) * stride_ks, MASK_ROW)
-        member = tl.load(mask_ptr + start[:, None] + tl.arange(0, BLOCK_M)[None, :],
-                         mask=valid_s[:, None], other=0)
-    else:
-        member = tl.load(mask_ptr + row * stride_kb + offs_s.to(tl.int64)[:, None] * stride_ks
-                         + offs_m.to(tl.int64)[None, :] * stride_km,
-                         mask=valid_s[:, None] & (offs_m < M)[None, :], other=0)
-    return member != 0
+from mmfast.kernels._masks import load_members, mask_layout, mask_row
 
 
 @triton.jit
@@ -77,8 +56,8 @@ def _pool_forward_kernel(
     needed = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for s0 in range(first, last, CHUNK_S):
         offs_s = s0 + chunk
-        member = _load_members(mask_ptr, row, stride_kb, offs_s, stride_ks, offs_m, stride_km,
-                               offs_s < last, M, MASK_ROW, BLOCK_M)
+        member = load_members(mask_ptr, row, offs_s, last, offs_m, M, stride_kb, stride_ks,
+                              stride_km, MASK_ROW, BLOCK_M)
         needed = tl.maximum(needed, tl.max(member.to(tl.int32), axis=0))
     x = tl.load(x_ptr + row * stride_xb + offs_m.to(tl.int64)[:, None] * stride_xm
                 + offs_d.to(tl.int64)[None, :] * stride_xd,
@@ -89,8 +68,8 @@ def _pool_forward_kernel(
     for s0 in range(first, last, CHUNK_S):
         offs_s = s0 + chunk
         valid_s = offs_s < last
-        member = _load_members(mask_ptr, row, stride_kb, offs_s, stride_ks, offs_m, stride_km,
-                               valid_s, M, MASK_ROW, BLOCK_M)
+        member = load_members(mask_ptr, row, offs_s, last, offs_m, M, stride_kb, stride_ks,
+                              stride_km, MASK_ROW, BLOCK_M)
         # Select, never multiply by the mask: inf/NaN a row holds for another subset stays out.
         acc = tl.sum(tl.where(member[:, :, None], x[None, :, :], 0.0), axis=1)   # [CS, BD]
         if HAS_BIAS:
@@ -122,8 +101,8 @@ def _pool_backward_kernel(
     for s0 in range(0, S, CHUNK_S):
         offs_s = s0 + chunk
         valid_s = offs_s < S
-        member = _load_members(mask_ptr, row, stride_kb, offs_s, stride_ks, offs_m, stride_km,
-                               valid_s, M, MASK_ROW, BLOCK_M)                    # [CS, BM]
+        member = load_members(mask_ptr, row, offs_s, S, offs_m, M, stride_kb, stride_ks,
+                              stride_km, MASK_ROW, BLOCK_M)                      # [CS, BM]
         grad = tl.load(grad_ptr + row * stride_gb + offs_s.to(tl.int64)[:, None] * stride_gs
                        + offs_d.to(tl.int64)[None, :] * stride_gd,
                        mask=valid_s[:, None] & valid_d[None, :], other=0.0).to(ACC_DTYPE)
@@ -135,27 +114,6 @@ def _pool_backward_kernel(
 
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _mask_strides(mask: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
-    """The mask as bytes (bool and uint8 share a layout) and (S, stride_b, stride_s, stride_m);
-    a ``[B, M]`` mask is one subset per row (stride_s = 0)."""
-    as_bytes = mask.view(torch.uint8)
-    if mask.dim() == 2:
-        return as_bytes, 1, mask.stride(0), 0, mask.stride(1)
-    return as_bytes, mask.shape[1], mask.stride(0), mask.stride(1), mask.stride(2)
-
-
-def _mask_row(mask_bytes: torch.Tensor, M: int, block_m: int, strides: tuple[int, int, int]
-              ) -> int:
-    """MASK_ROW for the kernels: the alignment, up to 16 bytes (one vector load), of every
-    subset's membership row when that row is one contiguous block of BLOCK_M = M bytes (M a
-    power of two) for every row b and subset; 1 (byte loads) otherwise."""
-    skb, sks, skm = strides
-    if not (skm == 1 and block_m == M and M > 1 and M & (M - 1) == 0):
-        return 1
-    align = min(M, 16)
-    return align if all(v % align == 0 for v in (skb, sks, mask_bytes.data_ptr())) else 1
 
 
 def _tile_budget() -> int:
@@ -199,7 +157,7 @@ def launch_pool(x: torch.Tensor, mask: torch.Tensor,
         contiguous ``[B, D]`` or ``[B, S, D]`` in ``x.dtype``.
     """
     B, M, D = x.shape
-    mask_bytes, S, skb, sks, skm = _mask_strides(mask)
+    mask_bytes, S, (skb, sks, skm) = mask_layout(mask)
     out = torch.empty((*mask.shape[:-1], D), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
@@ -219,7 +177,7 @@ def launch_pool(x: torch.Tensor, mask: torch.Tensor,
         out.stride(0), D if mask.dim() == 3 else 0,
         HAS_BIAS=has_bias, ACC_DTYPE=_acc_dtype(x.dtype),
         BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s,
-        MASK_ROW=_mask_row(mask_bytes, M, block_m, (skb, sks, skm)), num_warps=warps,
+        MASK_ROW=mask_row(mask_bytes, M, block_m, (skb, sks, skm)), num_warps=warps,
     )
     return out
 
@@ -237,7 +195,7 @@ def launch_pool_transpose(grad_out: torch.Tensor, mask: torch.Tensor, num_modali
         contiguous ``[B, M, D]``; rows of modalities in none of a row's subsets are 0.
     """
     B, M, D = mask.shape[0], num_modalities, grad_out.shape[-1]
-    mask_bytes, S, skb, sks, skm = _mask_strides(mask)
+    mask_bytes, S, (skb, sks, skm) = mask_layout(mask)
     out = torch.empty((B, M, D), dtype=dtype, device=grad_out.device)
     if out.numel() == 0:
         return out
@@ -257,7 +215,7 @@ def launch_pool_transpose(grad_out: torch.Tensor, mask: torch.Tensor, num_modali
         out.stride(0), out.stride(1),
         ACC_DTYPE=_acc_dtype(dtype),
         BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s,
-        MASK_ROW=_mask_row(mask_bytes, M, block_m, (skb, sks, skm)), num_warps=warps,
+        MASK_ROW=mask_row(mask_bytes, M, block_m, (skb, sks, skm)), num_warps=warps,
     )
     return out
 

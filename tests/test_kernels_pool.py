@@ -156,15 +156,17 @@ def test_modality_and_feature_major_layouts():
                                brute_pool_grad(g, mask, M), rtol=1e-12, atol=1e-12)
 
 def test_mask_rows_as_vector_loads():
-    """The launchers read a subset's membership row as one vector load only when that row is a
-    contiguous block of M bytes (M a power of two) aligned to min(M, 16) for every row and
-    subset; any other layout takes byte loads. Both give the brute force's values."""
-    from mmfast.kernels import subset_pool as kernel
+    """The launchers (pool and PoE) read a subset's membership row as one vector load only when
+    that row is a contiguous block of M bytes (M a power of two) aligned to min(M, 16) for
+    every row and subset; any other layout takes byte loads. Both give the brute force's
+    values."""
+    from mmfast.kernels import _masks
+    from mmfast.kernels._common import next_power_of_2
 
     def mask_row(mask):
-        as_bytes, S, *strides = kernel._mask_strides(mask)
+        as_bytes, _, strides = _masks.mask_layout(mask)
         M = mask.shape[-1]
-        return kernel._mask_row(as_bytes, M, kernel.next_power_of_2(M), tuple(strides))
+        return _masks.mask_row(as_bytes, M, next_power_of_2(M), strides)
 
     B, M, D = 3, 4, 5
     bank = all_subsets_bank(M).expand(B, 2 ** M, M)              # stride-0 bank

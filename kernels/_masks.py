@@ -1,0 +1,51 @@
+"""Subset masks as the subset kernels read them (pool and PoE): layout on the host, membership
+tiles in the kernels.
+
+A mask ``[B, M]`` (one subset per row) or ``[B, S, M]`` (a bank, possibly ``expand``-ed with
+stride 0 on B) is read as bytes by strides, never materialised. Every thread of a program needs
+all the membership bytes of its chunk of subsets; where each subset's ``M`` bytes form one
+aligned, contiguous block (M a power of two: the usual bool masks and banks), they are read as
+vector loads rather than byte by byte (``MASK_ROW``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def mask_layout(mask: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int, int]]:
+    """The mask as bytes (bool and uint8 share a layout), S, and its (b, s, m) strides;
+    ``[B, M]`` is one subset per row (stride 0 on s)."""
+    as_bytes = mask.view(torch.uint8)
+    if mask.dim() == 2:
+        return as_bytes, 1, (mask.stride(0), 0, mask.stride(1))
+    return as_bytes, mask.shape[1], tuple(mask.stride())
+
+
+def mask_row(mask_bytes: torch.Tensor, M: int, block_m: int, strides: tuple[int, int, int]) -> int:
+    """MASK_ROW for :func:`load_members`: the alignment, up to 16 bytes (one vector load), of
+    every subset's membership row when that row is one contiguous block of BLOCK_M = M bytes
+    (M a power of two) for every row b and subset; 1 (byte loads) otherwise."""
+    skb, sks, skm = strides
+    if not (skm == 1 and block_m == M and M > 1 and M & (M - 1) == 0):
+        return 1
+    align = min(M, 16)
+    return align if all(v % align == 0 for v in (skb, sks, mask_bytes.data_ptr())) else 1
+
+
+@triton.jit
+def load_members(mask_ptr, row, offs_s, S, offs_m, M, stride_kb, stride_ks, stride_km,
+                 MASK_ROW: tl.constexpr, BLOCK_M: tl.constexpr):
+    """bool ``[CHUNK_S, BLOCK_M]``: whether modality offs_m is in subset offs_s of ``row``
+    (False past S and M). With MASK_ROW > 1 (:func:`mask_row`: offs_m is ``arange(BLOCK_M)``
+    and BLOCK_M == M) a subset's row is read in aligned vector loads."""
+    if MASK_ROW > 1:
+        start = tl.multiple_of(row * stride_kb + offs_s.to(tl.int64) * stride_ks, MASK_ROW)
+        member = tl.load(mask_ptr + start[:, None] + tl.arange(0, BLOCK_M)[None, :],
+                         mask=(offs_s < S)[:, None], other=0)
+    else:
+        member = tl.load(mask_ptr + row * stride_kb + offs_s.to(tl.int64)[:, None] * stride_ks
+                         + offs_m.to(tl.int64)[None, :] * stride_km,
+                         mask=(offs_s < S)[:, None] & (offs_m < M)[None, :], other=0)
+    return member != 0
