@@ -402,8 +402,9 @@ def _categorical_backward_kernel(
 # ------------------------------------------------------------------------------- launchers
 
 def _flat(t: torch.Tensor, lead: int) -> torch.Tensor:
-    """View ``[*lead_axes, *event]`` as ``[*lead_axes, N]`` (a copy only if strides forbid)."""
-    return t.reshape(*t.shape[:lead], -1)
+    """View ``[*lead_axes, *event]`` as ``[*lead_axes, N]`` (a copy only if strides forbid).
+    N is computed, not inferred: ``reshape(..., -1)`` refuses a tensor with no elements."""
+    return t.reshape(*t.shape[:lead], math.prod(t.shape[lead:]))
 
 
 def _scale_view(log_scale: torch.Tensor | None, params: torch.Tensor):
