@@ -94,6 +94,19 @@ def _sum_over_samples(x, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: 
 
 
 @triton.jit
+def _sample_block(eps_ptr, k0, lane_k, offs_r, valid_r, offs_d, valid_d, K, stride_ek, stride_er,
+                  stride_ed, ACC: tl.constexpr):
+    """Samples ``k0 + lane_k`` of the lanes' rows: (offs_k and valid_k ``[lanes]``, valid_kd
+    ``[lanes, BLOCK_D]``, ε ``[lanes, BLOCK_D]``, 0 past K and off the edges)."""
+    offs_k = k0 + lane_k.to(tl.int64)
+    valid_k = valid_r & (offs_k < K)
+    valid_kd = valid_k[:, None] & valid_d[None, :]
+    eps = _load_tile(eps_ptr + (offs_k * stride_ek)[:, None], offs_r, offs_d, valid_kd,
+                     stride_er, stride_ed, ACC)
+    return offs_k, valid_k, valid_kd, eps
+
+
+@triton.jit
 def _subset_forward_kernel(
     mu_ptr, lv_ptr, eps_ptr, pl_ptr, pmu_ptr, plv_ptr, z_ptr, q_ptr, p_ptr,
     K, R, D, C, rows_per_program,
@@ -122,11 +135,9 @@ def _subset_forward_kernel(
         sigma = tl.exp(0.5 * lv)
         q_const = log_2pi_d + tl.sum(lv, axis=1)
         for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + lane_k.to(tl.int64)
-            valid_k = valid_r & (offs_k < K)
-            valid_kd = valid_k[:, None] & valid_d[None, :]
-            eps = _load_tile(eps_ptr + (offs_k * stride_ek)[:, None], offs_r, offs_d, valid_kd,
-                             stride_er, stride_ed, ACC)
+            offs_k, valid_k, valid_kd, eps = _sample_block(
+                eps_ptr, k0, lane_k, offs_r, valid_r, offs_d, valid_d, K, stride_ek,
+                stride_er, stride_ed, ACC)
             z = mu + sigma * eps
             # Outputs are contiguous: z [K, R, D], log-densities [K, R].
             out_row = offs_k * R + offs_r
@@ -180,11 +191,9 @@ def _subset_backward_kernel(
         dmu = tl.zeros((BLOCK_K * BLOCK_R, BLOCK_D), dtype=ACC)
         dlv = tl.zeros((BLOCK_K * BLOCK_R, BLOCK_D), dtype=ACC)
         for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + lane_k.to(tl.int64)
-            valid_k = valid_r & (offs_k < K)
-            valid_kd = valid_k[:, None] & valid_d[None, :]
-            eps = _load_tile(eps_ptr + (offs_k * stride_ek)[:, None], offs_r, offs_d, valid_kd,
-                             stride_er, stride_ed, ACC)
+            offs_k, valid_k, valid_kd, eps = _sample_block(
+                eps_ptr, k0, lane_k, offs_r, valid_r, offs_d, valid_d, K, stride_ek,
+                stride_er, stride_ed, ACC)
             z = mu + sigma * eps
             dz = tl.zeros((BLOCK_K * BLOCK_R, BLOCK_D), dtype=ACC)
             if HAS_GZ:
@@ -288,11 +297,9 @@ def _full_forward_kernel(
                                        stride_td, ACC)
     qfs_const = log_2pi_d + tl.sum(lv_s, axis=2)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + lane_k.to(tl.int64)
-        valid_k = valid_b & (offs_k < K)
-        valid_kd = valid_k[:, None] & valid_d[None, :]
-        eps = _load_tile(eps_ptr + (offs_k * stride_ek)[:, None], offs_b, offs_d, valid_kd,
-                         stride_eb, stride_ed, ACC)
+        offs_k, valid_k, valid_kd, eps = _sample_block(
+            eps_ptr, k0, lane_k, offs_b, valid_b, offs_d, valid_d, K, stride_ek,
+            stride_eb, stride_ed, ACC)
         z = mu_f + sigma_f * eps
         out_row = offs_k * B + offs_b
         tl.store(z_ptr + out_row[:, None] * D + offs_d[None, :], z.to(z_ptr.dtype.element_ty),
@@ -369,11 +376,9 @@ def _full_backward_kernel(
             dmu_s = tl.zeros((BLOCK_K * BLOCK_B, BLOCK_S, BLOCK_D), dtype=ACC)
             dlv_s = tl.zeros((BLOCK_K * BLOCK_B, BLOCK_S, BLOCK_D), dtype=ACC)
             for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + lane_k.to(tl.int64)
-                valid_k = valid_b & (offs_k < K)
-                valid_kd = valid_k[:, None] & valid_d[None, :]
-                eps = _load_tile(eps_ptr + (offs_k * stride_ek)[:, None], offs_b, offs_d,
-                                 valid_kd, stride_eb, stride_ed, ACC)
+                offs_k, valid_k, valid_kd, eps = _sample_block(
+                    eps_ptr, k0, lane_k, offs_b, valid_b, offs_d, valid_d, K, stride_ek,
+                    stride_eb, stride_ed, ACC)
                 z = mu_f + sigma_f * eps
                 valid_ks = valid_k[:, None] & valid_bs
                 g = tl.load(gqfs_ptr + offs_k[:, None] * stride_hk + offs_b[:, None] * stride_hb
@@ -401,11 +406,9 @@ def _full_backward_kernel(
     dmu_f = tl.zeros((BLOCK_K * BLOCK_B, BLOCK_D), dtype=ACC)
     dlv_f = tl.zeros((BLOCK_K * BLOCK_B, BLOCK_D), dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + lane_k.to(tl.int64)
-        valid_k = valid_b & (offs_k < K)
-        valid_kd = valid_k[:, None] & valid_d[None, :]
-        eps = _load_tile(eps_ptr + (offs_k * stride_ek)[:, None], offs_b, offs_d, valid_kd,
-                         stride_eb, stride_ed, ACC)
+        offs_k, valid_k, valid_kd, eps = _sample_block(
+            eps_ptr, k0, lane_k, offs_b, valid_b, offs_d, valid_d, K, stride_ek,
+            stride_eb, stride_ed, ACC)
         here = deps_ptr + (offs_k * B + offs_b)[:, None] * D + offs_d[None, :]
         dz = tl.zeros((BLOCK_K * BLOCK_B, BLOCK_D), dtype=ACC)
         if HAS_GQFS:
