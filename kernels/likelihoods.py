@@ -245,6 +245,30 @@ def _categorical_targets(t_ptr, b0, e0, r, e, valid, C, stride_tb, stride_te):
 
 # Few nested @triton.jit helpers below: the interpreter pays about a millisecond a call.
 @triton.jit
+def _read_all_classes(l_pos, C, rows, positions, stride_lb, stride_le, stride_lc,
+                      ACC: tl.constexpr, BLOCK_CH: tl.constexpr, TAIL_CH: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_CL: tl.constexpr,
+                      INDEX: tl.constexpr):
+    """All C classes of the tile's positions (the ONE_CHUNK case): logits and class indices of
+    the main tile and, when TAIL_CH > 0, of the tail tile (else the main tile again, unused),
+    their maximum ``[BLOCK_R, BLOCK_E]`` and the shift for the exponentials (broadcastable to
+    a tile; 0 where every class is −inf, so that exp(−inf − 0) = 0 rather than NaN)."""
+    l, c = _read_classes(l_pos, 0, C, rows, positions, stride_lb, stride_le, stride_lc,
+                         BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, INDEX)
+    l = l.to(ACC)
+    top = tl.max(tl.max(l, axis=0), axis=2)
+    l_tail, c_tail = l, c
+    if TAIL_CH > 0:
+        l_tail, c_tail = _read_classes(
+            l_pos + BLOCK_CH * BLOCK_CL * stride_lc, BLOCK_CH * BLOCK_CL, C, rows, positions,
+            stride_lb, stride_le, stride_lc, TAIL_CH, BLOCK_R, BLOCK_E, BLOCK_CL, INDEX)
+        l_tail = l_tail.to(ACC)
+        top = tl.maximum(top, tl.max(tl.max(l_tail, axis=0), axis=2))
+    shift = tl.where(top == float("-inf"), 0.0, top)[None, :, :, None]
+    return l, c, l_tail, c_tail, top, shift
+
+
+@triton.jit
 def _categorical_forward_kernel(
     l_ptr, t_ptr, out_ptr, B, E, C, row_blocks,
     stride_lk, stride_lb, stride_le, stride_lc, stride_tb, stride_te,
@@ -276,18 +300,9 @@ def _categorical_forward_kernel(
         target = _categorical_targets(t_ptr, b0, e0, r, e, valid, C, stride_tb, stride_te)
         l_pos = l_rows + e0 * stride_le
         if ONE_CHUNK:
-            l, c = _read_classes(l_pos, 0, C, rows, positions, stride_lb, stride_le, stride_lc,
-                                 BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, INDEX)
-            l = l.to(ACC)
-            top = tl.max(tl.max(l, axis=0), axis=2)
-            if TAIL_CH > 0:
-                l_tail, c_tail = _read_classes(
-                    l_pos + BLOCK_C * stride_lc, BLOCK_C, C, rows, positions, stride_lb,
-                    stride_le, stride_lc, TAIL_CH, BLOCK_R, BLOCK_E, BLOCK_CL, INDEX)
-                l_tail = l_tail.to(ACC)
-                top = tl.maximum(top, tl.max(tl.max(l_tail, axis=0), axis=2))
-            # All classes −inf: shift by 0, so that exp(−inf − 0) = 0 rather than NaN.
-            shift = tl.where(top == float("-inf"), 0.0, top)[None, :, :, None]
+            l, c, l_tail, c_tail, top, shift = _read_all_classes(
+                l_pos, C, rows, positions, stride_lb, stride_le, stride_lc, ACC, BLOCK_CH,
+                TAIL_CH, BLOCK_R, BLOCK_E, BLOCK_CL, INDEX)
             at_target = c == target[None, :, :, None]
             total = tl.sum(tl.sum(tl.exp(l - shift), axis=0), axis=2)
             picked = tl.sum(tl.sum(tl.where(at_target, l, 0.0), axis=0), axis=2)
@@ -351,17 +366,9 @@ def _categorical_backward_kernel(
     l_pos = l_ptr + k * stride_lk + b0 * stride_lb + e0 * stride_le
     dl_pos = dl_ptr + k * stride_dk + b0 * stride_db + e0 * stride_de
     if ONE_CHUNK:
-        l, c = _read_classes(l_pos, 0, C, rows, positions, stride_lb, stride_le, stride_lc,
-                             BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, INDEX)
-        l = l.to(ACC)
-        top = tl.max(tl.max(l, axis=0), axis=2)
-        if TAIL_CH > 0:
-            l_tail, c_tail = _read_classes(
-                l_pos + BLOCK_C * stride_lc, BLOCK_C, C, rows, positions, stride_lb, stride_le,
-                stride_lc, TAIL_CH, BLOCK_R, BLOCK_E, BLOCK_CL, INDEX)
-            l_tail = l_tail.to(ACC)
-            top = tl.maximum(top, tl.max(tl.max(l_tail, axis=0), axis=2))
-        shift = tl.where(top == float("-inf"), 0.0, top)[None, :, :, None]
+        l, c, l_tail, c_tail, top, shift = _read_all_classes(
+            l_pos, C, rows, positions, stride_lb, stride_le, stride_lc, ACC, BLOCK_CH, TAIL_CH,
+            BLOCK_R, BLOCK_E, BLOCK_CL, INDEX)
         p = tl.exp(l - shift)
         total = tl.sum(tl.sum(p, axis=0), axis=2)
         if TAIL_CH > 0:
