@@ -269,6 +269,18 @@ def _read_all_classes(l_pos, C, rows, positions, stride_lb, stride_le, stride_lc
 
 
 @triton.jit
+def _online_logsumexp(top, total, l):
+    """One chunk of an online log-sum-exp over classes: the running maximum ``top`` and the sum
+    ``total`` of exp(l − top) ``[BLOCK_R, BLOCK_E]``, updated with the chunk's logits ``l``
+    ``[CH, BLOCK_R, BLOCK_E, BLOCK_CL]`` (a maximum of −inf shifts by 0, never giving NaN)."""
+    new_top = tl.maximum(top, tl.max(tl.max(l, axis=0), axis=2))
+    shift = tl.where(new_top == float("-inf"), 0.0, new_top)
+    total = (total * tl.exp(top - shift)
+             + tl.sum(tl.sum(tl.exp(l - shift[None, :, :, None]), axis=0), axis=2))
+    return new_top, total
+
+
+@triton.jit
 def _categorical_forward_kernel(
     l_ptr, t_ptr, out_ptr, B, E, C, row_blocks,
     stride_lk, stride_lb, stride_le, stride_lc, stride_tb, stride_te,
@@ -319,11 +331,7 @@ def _categorical_forward_kernel(
                                      C, rows, positions, stride_lb, stride_le, stride_lc,
                                      BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, INDEX)
                 l = l.to(ACC)
-                new_top = tl.maximum(top, tl.max(tl.max(l, axis=0), axis=2))
-                shift = tl.where(new_top == float("-inf"), 0.0, new_top)
-                total = (total * tl.exp(top - shift)
-                         + tl.sum(tl.sum(tl.exp(l - shift[None, :, :, None]), axis=0), axis=2))
-                top = new_top
+                top, total = _online_logsumexp(top, total, l)
                 at_target = c == target[None, :, :, None]
                 picked += tl.sum(tl.sum(tl.where(at_target, l, 0.0), axis=0), axis=2)
         log_p = picked - top - tl.log(tl.where(valid, total, 1.0))
@@ -391,11 +399,7 @@ def _categorical_backward_kernel(
                                  rows, positions, stride_lb, stride_le, stride_lc,
                                  BLOCK_CH, BLOCK_R, BLOCK_E, BLOCK_CL, INDEX)
             l = l.to(ACC)
-            new_top = tl.maximum(top, tl.max(tl.max(l, axis=0), axis=2))
-            shift = tl.where(new_top == float("-inf"), 0.0, new_top)
-            total = (total * tl.exp(top - shift)
-                     + tl.sum(tl.sum(tl.exp(l - shift[None, :, :, None]), axis=0), axis=2))
-            top = new_top
+            top, total = _online_logsumexp(top, total, l)
         lse = (top + tl.log(tl.where(valid, total, 1.0)))[None, :, :, None]
         for c_start in range(0, C, BLOCK_C):
             l, c = _read_classes(l_pos + tl.cast(c_start, tl.int64) * stride_lc, c_start, C,
