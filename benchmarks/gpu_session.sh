@@ -1,7 +1,8 @@
 #!/bin/bash
 # One short GPU session from the source tree (no install): the cuda-marked tests, then the
 # target benchmarks one suite at a time, each under a time limit so partial results survive,
-# rendered with report.py and packed into one archive.
+# then the tile sweeps of benchmarks/tune.py with the time left (SKIP_TUNE=1 to skip), rendered
+# and packed into one archive.
 #
 #   OUT=/some/dir BUDGET=560 bash benchmarks/gpu_session.sh [suite ...]
 #
@@ -32,6 +33,11 @@ for suite in $suites; do
     --targets-only ${EXTRA:-} --benchmark-json="$RES/targets_$suite.json" > "$RES/bench_$suite.log" 2>&1
   echo "bench $suite rc=$? after $(( $(date +%s) - START ))s"; tail -1 "$RES/bench_$suite.log"
 done
+t=$(left)
+if [ -z "${SKIP_TUNE:-}" ] && [ "$t" -ge 60 ]; then
+  timeout "$t" python3 benchmarks/tune.py --out "$RES" > "$RES/tune.log" 2>&1
+  echo "tune rc=$? after $(( $(date +%s) - START ))s"
+fi
 for j in "$RES"/targets_*.json; do
   [ -s "$j" ] && python3 benchmarks/report.py "$j" > "${j%.json}.md" 2>&1
 done
