@@ -29,10 +29,10 @@ Layout: a program owns a block of rows with the whole latent vector (d fits one 
 over the K samples, BLOCK_K at a time: its tile has BLOCK_K × BLOCK_R lanes, one (sample, row)
 pair each. So the sums over K of the parameter gradients stay in registers (each lane sums its
 samples; the lanes are summed before the store) and no ``[K, B, d]`` tensor is written besides
-the samples (and ε's gradient), while BLOCK_K samples' loads are in flight at once. The mixture works on
-``[rows, components, d]`` tiles; each program leaves its partial prior gradients in a small
-``[programs, C, d]`` buffer that the launcher sums in a fixed order. Everything is
-deterministic: no atomics anywhere.
+the samples (and ε's gradient), while BLOCK_K samples' loads are in flight at once. The
+mixture works on ``[rows, components, d]`` tiles; each program leaves its partial prior
+gradients in a small ``[programs, C, d]`` buffer that the launcher sums in a fixed order.
+Everything is deterministic: no atomics anywhere.
 """
 from __future__ import annotations
 
@@ -257,12 +257,18 @@ def _load_subsets(mus_ptr, lvs_ptr, offs_b, offs_s, offs_d, valid3, stride_sb, s
 
 
 @triton.jit
-def _score_gradients(z, g, mu_s, prec_s, valid3):
-    """For log q(z|x_S) with upstream g ``[B, S]``: its gradients with respect to mu_s and
-    logvar_s ``[B, S, D]``, and its z-derivative summed over the subsets ``[B, D]``."""
+def _score_gradients(gqfs_ptr, offs_k, offs_b, offs_s, valid_k, valid_bs, valid_d, z, mu_s, prec_s,
+                     stride_hk, stride_hb, stride_hs, ACC: tl.constexpr):
+    """For log q(z|x_S) at the lanes' samples z ``[lanes, D]``, with its upstream gradient g
+    ``[lanes, S]`` loaded here (0 past K and off the edges): its gradients with respect to mu_s
+    and logvar_s ``[lanes, S, D]``, and its z-derivative summed over the subsets ``[lanes, D]``."""
+    valid_ks = valid_k[:, None] & valid_bs
+    g = tl.load(gqfs_ptr + offs_k[:, None] * stride_hk + offs_b[:, None] * stride_hb
+                + offs_s[None, :] * stride_hs, mask=valid_ks, other=0.0).to(ACC)
     diff = z[:, None, :] - mu_s
     scaled = g[:, :, None] * diff * prec_s
-    dlv = tl.where(valid3, 0.5 * diff * scaled - 0.5 * g[:, :, None], 0.0)
+    dlv = tl.where(valid_ks[:, :, None] & valid_d[None, None, :],
+                   0.5 * diff * scaled - 0.5 * g[:, :, None], 0.0)
     return scaled, dlv, -tl.sum(scaled, axis=1)
 
 
@@ -379,12 +385,9 @@ def _full_backward_kernel(
                 offs_k, valid_k, valid_kd, eps = _sample_block(
                     eps_ptr, k0, lane_k, offs_b, valid_b, offs_d, valid_d, K, stride_ek,
                     stride_eb, stride_ed, ACC)
-                z = mu_f + sigma_f * eps
-                valid_ks = valid_k[:, None] & valid_bs
-                g = tl.load(gqfs_ptr + offs_k[:, None] * stride_hk + offs_b[:, None] * stride_hb
-                            + offs_s[None, :] * stride_hs, mask=valid_ks, other=0.0).to(ACC)
-                d_mu, d_lv, d_z = _score_gradients(z, g, mu_s, prec_s,
-                                                   valid_ks[:, :, None] & valid_d[None, None, :])
+                d_mu, d_lv, d_z = _score_gradients(
+                    gqfs_ptr, offs_k, offs_b, offs_s, valid_k, valid_bs, valid_d,
+                    mu_f + sigma_f * eps, mu_s, prec_s, stride_hk, stride_hb, stride_hs, ACC)
                 dmu_s += d_mu
                 dlv_s += d_lv
                 here = deps_ptr + (offs_k * B + offs_b)[:, None] * D + offs_d[None, :]
@@ -413,12 +416,9 @@ def _full_backward_kernel(
         dz = tl.zeros((BLOCK_K * BLOCK_B, BLOCK_D), dtype=ACC)
         if HAS_GQFS:
             if ONE_CHUNK:
-                z = mu_f + sigma_f * eps
-                valid_ks = valid_k[:, None] & valid_bs
-                g = tl.load(gqfs_ptr + offs_k[:, None] * stride_hk + offs_b[:, None] * stride_hb
-                            + offs_s[None, :] * stride_hs, mask=valid_ks, other=0.0).to(ACC)
-                d_mu, d_lv, d_z = _score_gradients(z, g, mu_s, prec_s,
-                                                   valid_ks[:, :, None] & valid_d[None, None, :])
+                d_mu, d_lv, d_z = _score_gradients(
+                    gqfs_ptr, offs_k, offs_b, offs_s, valid_k, valid_bs, valid_d,
+                    mu_f + sigma_f * eps, mu_s, prec_s, stride_hk, stride_hb, stride_hs, ACC)
                 dmu_s += d_mu
                 dlv_s += d_lv
                 dz += d_z
@@ -650,7 +650,8 @@ def gaussian_full_terms_backward(grad_z, grad_qf, grad_qfs, mu_f, logvar_f, eps_
     if K * B == 0 or (grad_z is None and grad_qf is None and grad_qfs is None):
         return dmuf.zero_(), dlvf.zero_(), deps.zero_(), dmus.zero_(), dlvs.zero_()
     if grad_qfs is None:
-        dmus.zero_(), dlvs.zero_()
+        dmus.zero_()
+        dlvs.zero_()
     mus, S = _subset_view(mu_s)
     lvs, _ = _subset_view(logvar_s)
     gqfs = grad_qfs.reshape(K, B, S) if grad_qfs is not None else None

@@ -34,9 +34,10 @@ missing modality's features are never read, so NaN there cannot leak), computes 
 probabilities ``[CHUNK_S, BLOCK_Q, BLOCK_K]`` are flattened to one
 ``[CHUNK_S·BLOCK_Q, BLOCK_K]`` matrix so that the product with V is a single ``tl.dot``. Keys
 and Dh are padded to powers of two of at least 16 (``tl.dot``'s minimum) with masks; queries
-only to a power of two with ``CHUNK_S·BLOCK_Q >= 16`` (see :func:`_blocks`). The forward may split a row's subsets over programs (on the GPU, when rows × heads alone
-would leave SMs idle); the backward gives each program every subset of its row and reduces them
-in a fixed order, so it is deterministic without atomics.
+only to a power of two with ``CHUNK_S·BLOCK_Q >= 16`` (see :func:`_blocks`). The forward may
+split a row's subsets over programs (on the GPU, when rows × heads alone would leave SMs idle);
+the backward gives each program every subset of its row and reduces them in a fixed order, so
+it is deterministic without atomics.
 
 Precision: q, k, v and the upstream gradient are upcast to float32 (float64 for float64 inputs)
 on load; scores, softmax, every product and every accumulation are in that dtype. float32 dots
