@@ -1,11 +1,12 @@
-"""Subset masks as the subset kernels read them (pool and PoE): layout on the host, membership
-tiles in the kernels.
+"""Subset masks as the subset kernels read them (pool, PoE, attention): layout on the host,
+membership tiles and the modalities a program's subsets use in the kernels.
 
 A mask ``[B, M]`` (one subset per row) or ``[B, S, M]`` (a bank, possibly ``expand``-ed with
 stride 0 on B) is read as bytes by strides, never materialised. Every thread of a program needs
 all the membership bytes of its chunk of subsets; where each subset's ``M`` bytes form one
 aligned, contiguous block (M a power of two: the usual bool masks and banks), they are read as
-vector loads rather than byte by byte (``MASK_ROW``).
+vector loads rather than byte by byte (``MASK_ROW``; the pool and PoE kernels, whose blocks
+of modalities are exactly M wide, use it).
 """
 from __future__ import annotations
 
@@ -49,3 +50,18 @@ def load_members(mask_ptr, row, offs_s, S, offs_m, M, stride_kb, stride_ks, stri
                          + offs_m.to(tl.int64)[None, :] * stride_km,
                          mask=(offs_s < S)[:, None] & (offs_m < M)[None, :], other=0)
     return member != 0
+
+
+@triton.jit
+def members_used(mask_ptr, row, first, last, offs_m, M, stride_kb, stride_ks, stride_km,
+                 MASK_ROW: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK_S: tl.constexpr):
+    """bool ``[BLOCK_M]``: the modalities offs_m that at least one of the subsets
+    ``first <= s < last`` of ``row`` holds, from ``[CHUNK_S, BLOCK_M]`` mask tiles. Only their
+    rows of the features need be read (a missing modality's, possibly NaN, never are)."""
+    chunk = tl.arange(0, CHUNK_S)
+    used = tl.zeros(offs_m.shape, dtype=tl.int32)
+    for s0 in range(first, last, CHUNK_S):
+        member = load_members(mask_ptr, row, s0 + chunk, last, offs_m, M, stride_kb, stride_ks,
+                              stride_km, MASK_ROW, BLOCK_M)
+        used = tl.maximum(used, tl.max(member.to(tl.int32), axis=0))
+    return used > 0

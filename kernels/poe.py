@@ -56,7 +56,7 @@ import triton.language as tl
 
 from mmfast.backend import triton_interpreting
 from mmfast.kernels._common import cdiv, next_power_of_2
-from mmfast.kernels._masks import load_members, mask_layout, mask_row
+from mmfast.kernels._masks import load_members, mask_layout, mask_row, members_used
 
 
 @triton.jit
@@ -87,7 +87,7 @@ def _load_prior(pmu_ptr, plv_ptr, row, offs_d, valid_d, stride_pb, stride_pd, st
 
 @triton.jit
 def _load_experts(mu_ptr, lv_ptr, mask_ptr, pmu_ptr, plv_ptr, row, first, last, offs_m, offs_d,
-                  chunk, valid_d, M, stride_mb, stride_mm, stride_md, stride_vb, stride_vm,
+                  valid_d, M, stride_mb, stride_mm, stride_md, stride_vb, stride_vm,
                   stride_vd, stride_kb, stride_ks, stride_km, stride_pb, stride_pd, stride_qb,
                   stride_qd, HAS_PRIOR: tl.constexpr, ACC_DTYPE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_S: tl.constexpr,
@@ -96,12 +96,8 @@ def _load_experts(mu_ptr, lv_ptr, mask_ptr, pmu_ptr, plv_ptr, row, first, last, 
     ``[BLOCK_M, BLOCK_D]``, the prior's mean and log-precision ``[BLOCK_D]``, and which rows
     were read (``[BLOCK_M]`` bool). Only the rows of modalities some of those subsets hold are
     read (NaN in the others cannot leak)."""
-    needed = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    for s0 in range(first, last, CHUNK_S):
-        member = load_members(mask_ptr, row, s0 + chunk, last, offs_m, M, stride_kb,
-                              stride_ks, stride_km, MASK_ROW, BLOCK_M)
-        needed = tl.maximum(needed, tl.max(member.to(tl.int32), axis=0))
-    needed = needed > 0
+    needed = members_used(mask_ptr, row, first, last, offs_m, M, stride_kb, stride_ks, stride_km,
+                          MASK_ROW, BLOCK_M, CHUNK_S)
     mu = _load_rows(mu_ptr, row, offs_m, offs_d, needed, valid_d,
                     stride_mb, stride_mm, stride_md, ACC_DTYPE)
     neg_logvar = -_load_rows(lv_ptr, row, offs_m, offs_d, needed, valid_d,
@@ -241,7 +237,7 @@ def _poe_forward_kernel(
     valid_d = offs_d < D
 
     mu, neg_logvar, prior_mu, prior_l, needed = _load_experts(
-        mu_ptr, lv_ptr, mask_ptr, pmu_ptr, plv_ptr, row, first, last, offs_m, offs_d, chunk,
+        mu_ptr, lv_ptr, mask_ptr, pmu_ptr, plv_ptr, row, first, last, offs_m, offs_d,
         valid_d, M, stride_mb, stride_mm, stride_md, stride_vb, stride_vm, stride_vd,
         stride_kb, stride_ks, stride_km, stride_pb, stride_pd, stride_qb, stride_qd,
         HAS_PRIOR, ACC_DTYPE, BLOCK_M, BLOCK_D, CHUNK_S, MASK_ROW)
@@ -323,7 +319,7 @@ def _poe_backward_kernel(
     valid_m = offs_m < M
 
     mu, neg_logvar, prior_mu, prior_l, needed = _load_experts(
-        mu_ptr, lv_ptr, mask_ptr, pmu_ptr, plv_ptr, row, first, last, offs_m, offs_d, chunk,
+        mu_ptr, lv_ptr, mask_ptr, pmu_ptr, plv_ptr, row, first, last, offs_m, offs_d,
         valid_d, M, stride_mb, stride_mm, stride_md, stride_vb, stride_vm, stride_vd,
         stride_kb, stride_ks, stride_km, stride_pb, stride_pd, stride_qb, stride_qd,
         HAS_PRIOR, ACC_DTYPE, BLOCK_M, BLOCK_D, CHUNK_S, MASK_ROW)

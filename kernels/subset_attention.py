@@ -61,29 +61,7 @@ import triton.language as tl
 
 from mmfast.backend import triton_interpreting
 from mmfast.kernels._common import cdiv, next_power_of_2
-from mmfast.kernels._masks import mask_layout
-
-
-@triton.jit
-def _load_members(mask_ptr, row, offs_s, offs_m, S, M, stride_kb, stride_ks, stride_km):
-    """bool ``[CHUNK_S, BLOCK_M]``: whether token m is in subset s (False off the edges)."""
-    valid = (offs_s < S)[:, None] & (offs_m < M)[None, :]
-    ptrs = (mask_ptr + row * stride_kb + offs_s.to(tl.int64)[:, None] * stride_ks
-            + offs_m[None, :] * stride_km)
-    return tl.load(ptrs, mask=valid, other=0) != 0
-
-
-@triton.jit
-def _tokens_used(mask_ptr, row, first, last, offs_m, M, stride_kb, stride_ks, stride_km,
-                 CHUNK_S: tl.constexpr):
-    """bool ``[BLOCK_M]``: tokens in at least one of the subsets ``first <= s < last``."""
-    chunk = tl.arange(0, CHUNK_S)
-    used = tl.zeros(offs_m.shape, dtype=tl.int32)
-    for s0 in range(first, last, CHUNK_S):
-        member = _load_members(mask_ptr, row, s0 + chunk, offs_m, last, M,
-                               stride_kb, stride_ks, stride_km)
-        used = tl.maximum(used, tl.max(member.to(tl.int32), axis=0))
-    return used > 0
+from mmfast.kernels._masks import load_members, mask_layout, members_used
 
 
 @triton.jit
@@ -91,15 +69,15 @@ def _chunk_members(mask_ptr, row, offs_s, offs_q, offs_k, S, M, stride_kb, strid
                    stride_km, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
     """bool ``[CHUNK_S, BLOCK_Q]`` and ``[CHUNK_S, BLOCK_K]``: the chunk's members as queries
     and as keys. With equal blocks (one subset a chunk, or M >= 16) one load serves both: two
-    copies cost the compiler registers (158 instead of 80 in a per-sample float32 forward on
-    sm_90, Triton 3.6)."""
-    member_q = _load_members(mask_ptr, row, offs_s, offs_q, S, M, stride_kb, stride_ks,
-                             stride_km)
+    copies cost the compiler registers (158 instead of about 80 in a per-sample float32
+    forward on sm_90, Triton 3.6)."""
+    member_q = load_members(mask_ptr, row, offs_s, S, offs_q, M, stride_kb, stride_ks, stride_km,
+                            1, BLOCK_Q)
     if BLOCK_Q == BLOCK_K:
         member_k = member_q
     else:
-        member_k = _load_members(mask_ptr, row, offs_s, offs_k, S, M, stride_kb, stride_ks,
-                                 stride_km)
+        member_k = load_members(mask_ptr, row, offs_s, S, offs_k, M, stride_kb, stride_ks,
+                                stride_km, 1, BLOCK_K)
     return member_q, member_k
 
 
@@ -163,14 +141,14 @@ def _load_row_head(q_ptr, k_ptr, v_ptr, mask_ptr, row, first, last, offs_q, offs
     """A program's head slices q ``[BLOCK_Q, BLOCK_D]``, k and v ``[BLOCK_K, BLOCK_D]`` (only
     tokens in one of the subsets ``[first, last)``), and the scores ``scale · q kᵀ``
     ``[BLOCK_Q, BLOCK_K]``, computed once and shared by all the subsets."""
-    used_q = _tokens_used(mask_ptr, row, first, last, offs_q, M, stride_mb, stride_ms,
-                          stride_mm, CHUNK_S)
+    used_q = members_used(mask_ptr, row, first, last, offs_q, M, stride_mb, stride_ms,
+                          stride_mm, 1, BLOCK_Q, CHUNK_S)
     # Equal blocks: one set of token flags serves queries and keys (see _chunk_members).
     if BLOCK_Q == BLOCK_K:
         used_k = used_q
     else:
-        used_k = _tokens_used(mask_ptr, row, first, last, offs_k, M, stride_mb, stride_ms,
-                              stride_mm, CHUNK_S)
+        used_k = members_used(mask_ptr, row, first, last, offs_k, M, stride_mb, stride_ms,
+                              stride_mm, 1, BLOCK_K, CHUNK_S)
     q = _load_head(q_ptr, row, offs_q, cols, used_q, valid_d, stride_qb, stride_qm, stride_qe,
                    ACC_DTYPE)
     k = _load_head(k_ptr, row, offs_k, cols, used_k, valid_d, stride_kb, stride_km, stride_ke,

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from mmfast.backend import triton_interpreting
 from mmfast.kernels._common import cdiv, next_power_of_2
-from mmfast.kernels._masks import load_members, mask_layout, mask_row
+from mmfast.kernels._masks import load_members, mask_layout, mask_row, members_used
 
 
 @triton.jit
@@ -51,17 +51,12 @@ def _pool_forward_kernel(
     chunk = tl.arange(0, CHUNK_S)
     valid_d = offs_d < D
 
-    # Which modalities some subset of this program holds, from [CHUNK_S, BLOCK_M] mask tiles:
-    # only those x rows are read (a missing modality's features, possibly NaN, never are).
-    needed = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    for s0 in range(first, last, CHUNK_S):
-        offs_s = s0 + chunk
-        member = load_members(mask_ptr, row, offs_s, last, offs_m, M, stride_kb, stride_ks,
-                              stride_km, MASK_ROW, BLOCK_M)
-        needed = tl.maximum(needed, tl.max(member.to(tl.int32), axis=0))
+    # Only the x rows of modalities some subset of this program holds are read.
+    needed = members_used(mask_ptr, row, first, last, offs_m, M, stride_kb, stride_ks, stride_km,
+                          MASK_ROW, BLOCK_M, CHUNK_S)
     x = tl.load(x_ptr + row * stride_xb + offs_m.to(tl.int64)[:, None] * stride_xm
                 + offs_d.to(tl.int64)[None, :] * stride_xd,
-                mask=(needed > 0)[:, None] & valid_d[None, :], other=0.0).to(ACC_DTYPE)
+                mask=needed[:, None] & valid_d[None, :], other=0.0).to(ACC_DTYPE)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=valid_d, other=0.0).to(ACC_DTYPE)
 
