@@ -29,7 +29,9 @@ if "--dry-run" in sys.argv:
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mmfast  # noqa: E402,F401  (registers mmfast.kernels)
+from conftest import device_seconds_per_call  # noqa: E402  (benchmarks/conftest.py)
 from mmfast.kernels import gaussian_terms, poe, subset_pool  # noqa: E402
 from mmfast.subsets import all_subsets  # noqa: E402
 
@@ -37,18 +39,11 @@ DRY = "--dry-run" in sys.argv
 DEVICE = torch.device("cpu" if DRY else "cuda")
 
 
-def _device_us(call: Callable[[], object], calls: int = 10) -> float:
-    """GPU time per call: the summed durations of its kernels (CUDA profiler), warm-up first."""
-    from torch.autograd import DeviceType
+def _device_us(call: Callable[[], object]) -> float:
+    """GPU time per call in µs (the benchmarks' CUDA-profiler measure), after a warm-up."""
     for _ in range(3):
         call()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            call()
-        torch.cuda.synchronize()
-    return sum(e.time_range.elapsed_us() for e in prof.events()
-               if e.device_type == DeviceType.CUDA) / calls
+    return device_seconds_per_call(call) * 1e6
 
 
 def _rel_diff(a, b) -> float:
@@ -77,17 +72,15 @@ def pool_cases(small: bool):
     mask = _bank(B, M)
     x = _randn(B, M, D)
     g = _randn(B, mask.shape[1], D)
-    shipped_b = subset_pool._backward_blocks
-    shipped_f = subset_pool._forward_blocks
     backward = [None, (8, 512, 2, 4), (8, 512, 1, 4), (8, 256, 2, 4), (8, 512, 4, 8),
                 (8, 1024, 1, 8), (8, 128, 4, 4)]
     forward = [None, (8, 256, 4, 4), (8, 512, 2, 4), (8, 128, 8, 4), (8, 256, 2, 8)]
     yield ("subset_pool backward, bank B=%d M=%d S=%d D=%d" % (B, M, mask.shape[1], D),
            "_backward_blocks (BLOCK_M, BLOCK_D, CHUNK_S, warps)", subset_pool, "_backward_blocks",
-           shipped_b, backward, lambda: subset_pool.launch_pool_transpose(g, mask, M, x.dtype))
+           backward, lambda: subset_pool.launch_pool_transpose(g, mask, M, x.dtype))
     yield ("subset_pool forward, bank B=%d M=%d S=%d D=%d" % (B, M, mask.shape[1], D),
            "_forward_blocks (BLOCK_M, BLOCK_D, CHUNK_S, warps)", subset_pool, "_forward_blocks",
-           shipped_f, forward, lambda: subset_pool.launch_pool(x, mask))
+           forward, lambda: subset_pool.launch_pool(x, mask))
 
 
 def poe_cases(small: bool):
@@ -100,10 +93,9 @@ def poe_cases(small: bool):
                (8, 64, 4, 2)]
     shape = "bank B=%d M=%d S=%d d=%d" % (B, M, mask.shape[1], D)
     yield ("gaussian_poe forward, " + shape, "_blocks (BLOCK_M, BLOCK_D, CHUNK_S, warps)", poe,
-           "_blocks", poe._blocks, configs,
-           lambda: poe.gaussian_poe_forward(mu, lv, mask, None, None))
+           "_blocks", configs, lambda: poe.gaussian_poe_forward(mu, lv, mask, None, None))
     yield ("gaussian_poe backward, " + shape, "_blocks (BLOCK_M, BLOCK_D, CHUNK_S, warps)", poe,
-           "_blocks", poe._blocks, configs,
+           "_blocks", configs,
            lambda: poe.gaussian_poe_backward(gm, gv, mu, lv, mask, None, None, out_mu, out_lv))
 
 
@@ -127,7 +119,7 @@ def terms_cases(small: bool):
             return out
         yield ("gaussian_terms forward+backward (4 kernels), " + shape,
                "MAX_BLOCK_K (samples a program holds at once)", gaussian_terms, "MAX_BLOCK_K",
-               gaussian_terms.MAX_BLOCK_K, [None, 1, 2, 4, 16], both)
+               [None, 1, 2, 4, 16], both)
 
 
 CASES = {"pool": pool_cases, "poe": poe_cases, "terms": terms_cases}
@@ -143,7 +135,8 @@ def _as_setting(shipped, config):
 def sweep(names: list[str]) -> list[dict]:
     rows = []
     for name in names:
-        for title, knob, module, attr, shipped, configs, call in CASES[name](small=DRY):
+        for title, knob, module, attr, configs, call in CASES[name](small=DRY):
+            shipped = getattr(module, attr)
             reference = None
             for config in configs:
                 setattr(module, attr, _as_setting(shipped, config))
