@@ -47,6 +47,7 @@ from mmfast.kernels._common import (acc_dtype, cdiv, element_budget, next_power_
                                     torch_acc_dtype)
 from mmfast.kernels._gaussian_common import (_load_tile, _log_2pi_times, _logsumexp_rows,
                                              _mixture_weights)
+from mmfast.kernels._launch import fast_launch
 
 
 @triton.jit
@@ -90,6 +91,7 @@ def _store_grad(ptr, value, k, K, offs_p, offs_q, offs_d, valid_p, valid_q, vali
     tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=keep)
 
 
+@fast_launch
 @triton.jit
 def _gaussian_forward_kernel(
     z_ptr, mu_ptr, lv_ptr, out_ptr, K, P, Q, D, blocks_q,
@@ -138,6 +140,7 @@ def _gaussian_forward_kernel(
                  mask=valid_pq)
 
 
+@fast_launch
 @triton.jit
 def _gaussian_backward_kernel(
     g_ptr, z_ptr, mu_ptr, lv_ptr, dz_ptr, dmu_ptr, dlv_ptr, K, P, Q, D, blocks_q,
@@ -241,6 +244,7 @@ def _component_log_densities(z_ptr, z_rows, valid_r, pmu_ptr, plv_ptr, pmu, prec
     return const[None, :] - 0.5 * quad
 
 
+@fast_launch
 @triton.jit
 def _mixture_forward_kernel(
     z_ptr, pl_ptr, pmu_ptr, plv_ptr, out_ptr, R, PQ, Q, D, C, rows_per_program,
@@ -266,6 +270,7 @@ def _mixture_forward_kernel(
                  mask=valid_r)
 
 
+@fast_launch
 @triton.jit
 def _mixture_backward_kernel(
     g_ptr, z_ptr, pl_ptr, pmu_ptr, plv_ptr, dz_ptr, dpl_part_ptr, dpmu_part_ptr, dplv_part_ptr,

@@ -44,6 +44,7 @@ from mmfast.kernels._common import (acc_dtype, cdiv, element_budget, next_power_
                                     torch_acc_dtype)
 from mmfast.kernels._gaussian_common import (_load_tile, _log_2pi_times, _logsumexp_rows,
                                              _mixture_weights)
+from mmfast.kernels._launch import fast_launch
 from mmfast.backend import triton_interpreting
 
 
@@ -106,6 +107,7 @@ def _sample_block(eps_ptr, k0, lane_k, offs_r, valid_r, offs_d, valid_d, K, stri
     return offs_k, valid_k, valid_kd, eps
 
 
+@fast_launch
 @triton.jit
 def _subset_forward_kernel(
     mu_ptr, lv_ptr, eps_ptr, pl_ptr, pmu_ptr, plv_ptr, z_ptr, q_ptr, p_ptr,
@@ -152,6 +154,7 @@ def _subset_forward_kernel(
             tl.store(p_ptr + out_row, log_p.to(p_ptr.dtype.element_ty), mask=valid_k)
 
 
+@fast_launch
 @triton.jit
 def _subset_backward_kernel(
     gz_ptr, gq_ptr, gp_ptr, mu_ptr, lv_ptr, eps_ptr, pl_ptr, pmu_ptr, plv_ptr,
@@ -272,6 +275,7 @@ def _score_gradients(gqfs_ptr, offs_k, offs_b, offs_s, valid_k, valid_bs, valid_
     return scaled, dlv, -tl.sum(scaled, axis=1)
 
 
+@fast_launch
 @triton.jit
 def _full_forward_kernel(
     muf_ptr, lvf_ptr, eps_ptr, mus_ptr, lvs_ptr, z_ptr, qf_ptr, qfs_ptr,
@@ -336,6 +340,7 @@ def _store_subset_grads(dmus_ptr, dlvs_ptr, dmu_s, dlv_s, rows, valid_rows, offs
     tl.store(dlvs_ptr + tile, dlv.to(dlvs_ptr.dtype.element_ty), mask=keep)
 
 
+@fast_launch
 @triton.jit
 def _full_backward_kernel(
     gz_ptr, gqf_ptr, gqfs_ptr, muf_ptr, lvf_ptr, eps_ptr, mus_ptr, lvs_ptr,

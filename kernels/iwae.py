@@ -20,6 +20,7 @@ import triton.language as tl
 
 from mmfast.kernels._common import (acc_dtype, cdiv, element_budget, next_power_of_2, num_warps,
                                     split_float, torch_acc_dtype)
+from mmfast.kernels._launch import fast_launch
 
 
 @triton.jit
@@ -41,6 +42,7 @@ def _column_lse(w_ptr, offs_n, valid_n, K, stride_k, stride_n, ACC: tl.constexpr
     return top + tl.log(tl.where(total > 0, total, 1.0))
 
 
+@fast_launch
 @triton.jit
 def _forward_kernel(w_ptr, out_ptr, K, N, log_k_hi, log_k_lo, stride_k, stride_n,
                     ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -52,6 +54,7 @@ def _forward_kernel(w_ptr, out_ptr, K, N, log_k_hi, log_k_lo, stride_k, stride_n
     tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=valid_n)
 
 
+@fast_launch
 @triton.jit
 def _backward_kernel(g_ptr, w_ptr, dw_ptr, K, N, stride_g, stride_k, stride_n,
                      ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):

@@ -54,6 +54,7 @@ import triton.language as tl
 from mmfast.backend import triton_interpreting
 from mmfast.kernels._common import (LOG_2PI_HI, LOG_2PI_LO, acc_dtype, cdiv, element_budget,
                                     next_power_of_2, num_warps, split_float, torch_acc_dtype)
+from mmfast.kernels._launch import fast_launch
 
 BERNOULLI, NORMAL, LAPLACE = 0, 1, 2
 _LOG_2PI_HI = tl.constexpr(LOG_2PI_HI)
@@ -72,6 +73,7 @@ def _sigmoid(l):
     return tl.where(l >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
+@fast_launch
 @triton.jit
 def _elementwise_forward_kernel(
     p_ptr, s_ptr, x_ptr, out_ptr,
@@ -115,6 +117,7 @@ def _elementwise_forward_kernel(
     tl.store(out_ptr + offs_r, total.to(out_ptr.dtype.element_ty), mask=valid_r)
 
 
+@fast_launch
 @triton.jit
 def _elementwise_backward_kernel(
     g_ptr, p_ptr, s_ptr, x_ptr, dp_ptr, ds_ptr, dx_ptr,
@@ -280,6 +283,7 @@ def _online_logsumexp(top, total, l):
     return new_top, total
 
 
+@fast_launch
 @triton.jit
 def _categorical_forward_kernel(
     l_ptr, t_ptr, out_ptr, B, E, C, row_blocks,
@@ -342,6 +346,7 @@ def _categorical_forward_kernel(
              mask=r < rows)
 
 
+@fast_launch
 @triton.jit
 def _categorical_backward_kernel(
     g_ptr, l_ptr, t_ptr, dl_ptr, B, E, C, row_blocks, e_blocks,

@@ -56,6 +56,7 @@ import triton.language as tl
 
 from mmfast.backend import triton_interpreting
 from mmfast.kernels._common import cdiv, next_power_of_2
+from mmfast.kernels._launch import fast_launch
 from mmfast.kernels._masks import load_members, mask_layout, mask_row, members_used
 
 
@@ -216,6 +217,7 @@ def _store_outputs(out_mu_ptr, out_lv_ptr, row, offs_s, offs_d, last, valid_d, o
     tl.store(out_lv_ptr + offs, out_lv.to(out_lv_ptr.dtype.element_ty), mask=keep)
 
 
+@fast_launch
 @triton.jit
 def _poe_forward_kernel(
     mu_ptr, lv_ptr, mask_ptr, pmu_ptr, plv_ptr, out_mu_ptr, out_lv_ptr,
@@ -291,6 +293,7 @@ def _load_grads(gmu_ptr, glv_ptr, row, offs_s, d64, last, valid_d, stride_gb, st
     return g_mu, g_lv
 
 
+@fast_launch
 @triton.jit
 def _poe_backward_kernel(
     gmu_ptr, glv_ptr, mu_ptr, lv_ptr, mask_ptr, pmu_ptr, plv_ptr,

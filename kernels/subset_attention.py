@@ -61,6 +61,7 @@ import triton.language as tl
 
 from mmfast.backend import triton_interpreting
 from mmfast.kernels._common import cdiv, next_power_of_2
+from mmfast.kernels._launch import fast_launch
 from mmfast.kernels._masks import load_members, mask_layout, members_used
 
 
@@ -159,6 +160,7 @@ def _load_row_head(q_ptr, k_ptr, v_ptr, mask_ptr, row, first, last, offs_q, offs
     return q, k, v, scores
 
 
+@fast_launch
 @triton.jit
 def _attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr,
@@ -222,6 +224,7 @@ def _attention_forward_kernel(
                  mask=keep_s[:, None] & valid_q[None, :])
 
 
+@fast_launch
 @triton.jit
 def _attention_backward_kernel(
     grad_ptr, q_ptr, k_ptr, v_ptr, mask_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr,

@@ -27,9 +27,11 @@ import triton.language as tl
 
 from mmfast.backend import triton_interpreting
 from mmfast.kernels._common import cdiv, next_power_of_2
+from mmfast.kernels._launch import fast_launch
 from mmfast.kernels._masks import load_members, mask_layout, mask_row, members_used
 
 
+@fast_launch
 @triton.jit
 def _pool_forward_kernel(
     x_ptr, mask_ptr, bias_ptr, out_ptr,
@@ -74,6 +76,7 @@ def _pool_forward_kernel(
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid_s[:, None] & valid_d[None, :])
 
 
+@fast_launch
 @triton.jit
 def _pool_backward_kernel(
     grad_ptr, mask_ptr, out_ptr,

@@ -12,9 +12,11 @@ hidden by ``auto`` either: its error propagates.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
+import sys
 from types import ModuleType
 
 import torch
@@ -62,6 +64,7 @@ class use_backend:
         return f"use_backend({self.name!r})"
 
 
+@functools.lru_cache(maxsize=None)
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -82,12 +85,16 @@ def triton_can_run(device: torch.device) -> bool:
 def _find_kernel(op: str, module: str) -> ModuleType | None:
     """``mmfast.kernels.<module>`` if it exists and defines ``<op>_forward``, else None.
     Import errors of an existing module propagate: ``auto`` never hides a broken kernel."""
+    name = f"mmfast.kernels.{module}"
+    loaded = sys.modules.get(name)   # after the first call: skips the import system's lookups
+    if loaded is not None:
+        return loaded if hasattr(loaded, f"{op}_forward") else None
     try:
-        if importlib.util.find_spec(f"mmfast.kernels.{module}") is None:
+        if importlib.util.find_spec(name) is None:
             return None
     except ModuleNotFoundError:
         return None
-    kernel = importlib.import_module(f"mmfast.kernels.{module}")
+    kernel = importlib.import_module(name)
     return kernel if hasattr(kernel, f"{op}_forward") else None
 
 

@@ -31,8 +31,10 @@ def _plain_eager(args: Sequence) -> bool:
             or torch._C._is_torch_function_mode_enabled()
             or torch._C._get_tracing_state() is not None):       # torch.jit.trace
         return False
-    return all(type(a) in _PLAIN_TENSORS and a.device.type != "meta"
-               for a in args if isinstance(a, torch.Tensor))
+    for a in args:
+        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN_TENSORS or a.is_meta):
+            return False
+    return True
 
 
 def _refuse_forward_mode(op: Callable, args: Sequence) -> None:

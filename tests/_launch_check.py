@@ -1,0 +1,225 @@
+"""Check kernels/_launch.py against Triton itself on a machine without a GPU.
+
+Run as a script in a fresh interpreter (``TRITON_INTERPRET`` unset, so kernels are real JIT
+functions), with the target-only driver of ``_compile_sm90.py``:
+
+    python tests/_launch_check.py
+
+1. **Keys.** The public ops run forward and backward, and every launch they make is recorded
+   (nothing is compiled). For each recorded launch, variants are made by changing one argument
+   at a time: integers to values Triton treats differently (1, multiples of 16, odd, past 32
+   bits, negative), tensors to another 16-byte aligned tensor and to one off that alignment,
+   floats to other values, booleans flipped. Wherever two of these calls get the same :func:`launch_key`,
+   Triton's own cache key (its specialisation of the arguments plus the options) must be the
+   same too: the fast path must never reuse a kernel Triton would not have used.
+2. **Launches.** A few ops are compiled for sm_90 with their launchers replaced by recorders,
+   and run several times, so their kernels are launched from the fast path. Each fast-path
+   launch is repeated through Triton's own path, and both must hand the launcher the same
+   grid, stream, kernel and arguments (launch metadata and hooks aside: Triton's hook chains
+   are empty, so the fast path passes None for them).
+
+Prints ``launch check: ...`` and exits 1 on any mismatch.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler.compiler import CompiledKernel  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime import jit  # noqa: E402
+
+import _compile_sm90 as sm90  # noqa: E402  (the target-only driver; imports mmfast)
+
+driver.set_active(sm90._TargetOnlyDriver(GPUTarget("cuda", 90, 32)))
+
+import mmfast.backend  # noqa: E402
+from mmfast.kernels import _launch  # noqa: E402
+
+mmfast.backend.triton_can_run = lambda device: True   # CPU tensors reach the launchers
+
+INT_VARIANTS = (1, 2, 16, 17, 32, 48, 2 ** 31 - 16, 2 ** 31, 2 ** 33 + 16, -16, -1, 0)
+
+
+def _ops():
+    """(name, thunk): each runs one public op forward and backward on small CPU tensors."""
+    from mmfast import ops
+    from mmfast.subsets import all_subsets
+
+    def leaf(*shape, dtype=torch.float32):
+        return torch.randn(shape).to(dtype).requires_grad_(True)
+
+    def backward(*outs):
+        outs = [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
+    bank = all_subsets(3).expand(4, 7, 3)
+    mask = torch.tensor([[True, False, True]] * 4)
+    return [
+        ("pool", lambda: backward(ops.subset_sum_pool(leaf(4, 3, 24), bank))),
+        ("poe", lambda: backward(*ops.gaussian_poe(leaf(4, 3, 16), leaf(4, 3, 16), mask))),
+        ("attention", lambda: backward(ops.subset_attention(
+            leaf(4, 3, 32), leaf(4, 3, 32), leaf(4, 3, 32), bank, 2))),
+        ("laplace", lambda: backward(ops.laplace_log_prob(
+            leaf(2, 4, 40), leaf(40), torch.rand(4, 40), 1e-3))),
+        ("categorical", lambda: backward(ops.categorical_log_prob(
+            leaf(2, 4, 3, 11), torch.randint(11, (4, 3))))),
+        ("terms", lambda: backward(*[t for t in ops.gaussian_terms(
+            (leaf(4, 8), leaf(4, 8)), leaf(2, 4, 8), (leaf(4, 8), leaf(4, 8)), leaf(2, 4, 8),
+            prior=(leaf(3), leaf(3, 8), leaf(3, 8)), stl=False) if t is not None])),
+        ("densities", lambda: backward(ops.gaussian_log_prob(leaf(2, 4, 8), leaf(4, 8),
+                                                             leaf(4, 8)))),
+        ("iwae", lambda: backward(ops.importance_logsumexp(leaf(5, 4)))),
+    ]
+
+
+class _KeyComputed(Exception):
+    pass
+
+
+def triton_key(fn, args, kwargs):
+    """Triton's cache key for launching ``fn`` with these arguments: its own run(), stopped
+    where it looks the key up."""
+    captured = []
+    original = jit.compute_cache_key
+
+    def spy(*key_args):
+        captured.append(original(*key_args))
+        raise _KeyComputed
+    jit.compute_cache_key = spy
+    try:
+        fn.run(*args, grid=(1,), warmup=True, **kwargs)
+    except _KeyComputed:
+        pass
+    finally:
+        jit.compute_cache_key = original
+    return captured[0]
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A tensor of t's dtype whose address is not a multiple of 16 bytes (the keys read
+    nothing else of a tensor)."""
+    base = torch.empty(32, dtype=t.dtype)
+    step = 1
+    while (base.data_ptr() + step * t.element_size()) % 16 == 0:
+        step += 1
+    return base[step:]
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """A fresh tensor of t's dtype at another 16-byte aligned address."""
+    return torch.empty(32, dtype=t.dtype)
+
+
+def _variants(args):
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            options = [_misaligned(a), _aligned(a)]
+        elif isinstance(a, bool):
+            options = [not a]
+        elif isinstance(a, int):
+            options = [v for v in INT_VARIANTS if v != a]
+        elif isinstance(a, float):
+            options = [0.0, 1.0, -2.5, 1e30]
+        else:
+            options = []
+        for value in options:
+            yield args[:i] + (value,) + args[i + 1:]
+
+
+def check_keys() -> tuple[int, list[str]]:
+    """Part 1: returns (pairs compared, failures)."""
+    launches = []
+
+    def record(self, grid, args, kwargs):
+        launches.append((self, args, kwargs))
+    fast = _launch.FastLauncher._launch
+    _launch.FastLauncher._launch = record
+    try:
+        for _, thunk in _ops():
+            thunk()
+    finally:
+        _launch.FastLauncher._launch = fast
+    compared, failures = 0, []
+    for launcher, args, kwargs in launches:
+        calls = [args, *_variants(args)]
+        by_key: dict[tuple, tuple] = {}
+        for call in calls:
+            ours = _launch.launch_key(0, call, kwargs)
+            theirs = triton_key(launcher.fn, call, kwargs)
+            if ours in by_key:
+                compared += 1
+                if by_key[ours] != theirs:
+                    failures.append(f"{launcher.__name__}: equal launch_key, different Triton keys "
+                                    f"for arguments {call}")
+            else:
+                by_key[ours] = theirs
+    return compared, failures
+
+
+def check_launches(names=("pool", "categorical", "terms")) -> tuple[int, list[str]]:
+    """Part 2: returns (fast-path launches compared, failures)."""
+    recorded = []
+
+    def init_handles(self):
+        if self.module is None:
+            self.module, self.function = object(), id(self)
+            self._run = lambda *call: recorded.append(call)
+    CompiledKernel._init_handles = init_handles
+
+    fast = _launch.FastLauncher._launch
+    compared, failures = [0], []
+
+    def launch_twice(self, grid, args, kwargs):
+        hit = _launch.launch_key(driver.active.get_current_device(), args, kwargs) in self._known
+        start = len(recorded)
+        fast(self, grid, args, kwargs)
+        if not hit:
+            return
+        self.fn[grid](*args, **kwargs)   # Triton's own path, same arguments
+        if len(recorded) != start + 2:
+            failures.append(f"{self.__name__}: {len(recorded) - start} launches recorded, not 2")
+            return
+        ours, theirs = recorded[start], recorded[start + 1]
+        if len(grid) < 3:
+            grid = (*grid, 1, 1)[:3]
+        same = (len(ours) == len(theirs) and ours[:6] == theirs[:6]
+                and all(a is b or (type(a) is type(b) and a == b)
+                        and not isinstance(a, torch.Tensor)
+                        for a, b in zip(ours[9:], theirs[9:])))
+        if not same or tuple(ours[:3]) != tuple(grid[:3]):
+            failures.append(f"{self.__name__}: fast path passed {ours[:6]} + {ours[9:]}, "
+                            f"Triton passed {theirs[:6]} + {theirs[9:]}")
+        compared[0] += 1
+    _launch.FastLauncher._launch = launch_twice
+    try:
+        with mmfast.backend.use_backend("triton"):
+            for name, thunk in _ops():
+                if name in names:
+                    for _ in range(3):
+                        thunk()
+    finally:
+        _launch.FastLauncher._launch = fast
+    return compared[0], failures
+
+
+def main() -> int:
+    with mmfast.backend.use_backend("triton"):
+        pairs, failures = check_keys()
+    launches, more = check_launches()
+    failures += more
+    for failure in failures:
+        print("FAILED", failure)
+    print(f"launch check: {pairs} argument variants shared a key with another call, "
+          f"{launches} fast-path launches compared with Triton's; {len(failures)} failure(s)")
+    return 1 if failures or not pairs or not launches else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
