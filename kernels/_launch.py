@@ -8,17 +8,22 @@ and builds launch metadata for the launch hooks: about 15 µs a launch on the CI
 kernels of 20 to 40 arguments, several times the kernel's own duration.
 
 :func:`fast_launch` wraps a ``@triton.jit`` kernel so that ``kernel[grid](*args, **kwargs)``
-is keyed on a tuple that is cheaper to build and at least as fine as Triton's specialisation:
-the current device, each tensor's dtype and address modulo 16, each float's type (Triton types
-every Python float as fp32, whatever its value), and the value of every other argument,
-keyword arguments included. The first call with a key goes through Triton (compiling if need
-be) and remembers the compiled kernel; later calls hand the arguments straight to that kernel's
-launcher, as Triton would. Because the key separates every pair of calls Triton separates, a
-remembered kernel is always the one Triton itself would have launched.
+is keyed on a tuple (:func:`launch_key`) that is cheaper to build and at least as fine as
+Triton's specialisation: the current device, each tensor's dtype and address modulo 16, each
+float's type (Triton types every Python float argument as fp32, whatever its value), each
+bool's type and value, and the value of every other argument, keyword arguments (constexprs
+and options such as ``num_warps``) included. The first call with a key goes through Triton
+(compiling if need be) and remembers the compiled kernel; later calls hand the arguments
+straight to that kernel's launcher, as Triton would, so a remembered kernel is the one Triton
+itself would launch.
 
-Triton's path is taken every time under the interpreter (``TRITON_INTERPRET=1``), while launch
-hooks are registered (profilers such as proton read their metadata), and while the kernel has
-pre-run hooks.
+Triton's path is taken every time under the interpreter (``TRITON_INTERPRET=1``), for a
+callable grid, while Triton's run-time compile settings differ from their defaults
+(``TRITON_DEBUG``, an instrumentation mode, a pipeline-inspection hook: they change the
+compiled kernel without changing the arguments), while launch hooks are registered (profilers
+such as proton read their metadata), and while the kernel has pre-run hooks. A kernel is not
+remembered when a tensor is passed by keyword or a constexpr positionally (no mmfast launch
+does either), and it is forgotten when Triton's own cache for the device is replaced.
 """
 from __future__ import annotations
 
@@ -29,30 +34,36 @@ from triton import knobs
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
-# A workload with ever-changing integer arguments (batch sizes, strides) would grow a key per
-# value: past this many the table is cleared, and the next calls refill it through Triton.
-MAX_KEYS = 4096
+# Every distinct integer argument (a batch size, a stride) makes a key. Past this many keys per
+# kernel the oldest is dropped, so a workload of ever-changing shapes holds bounded memory.
+MAX_KEYS = 1024
 
 
-def _hooks_idle() -> bool:
-    """True when no launch hook is registered (Triton's hooks are chains, or None in older
-    versions), so the launch metadata they would receive need not be built."""
+def _triton_path_only() -> bool:
+    """True while a launch must go through Triton: a launch hook is registered (Triton's hooks
+    are chains, None in older versions), or a run-time compile setting is not its default."""
     for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
         if hook is not None and getattr(hook, "calls", True):
-            return False
-    return True
+            return True
+    return bool(knobs.runtime.debug or knobs.compilation.instrumentation_mode
+                or getattr(knobs.runtime, "add_stages_inspection_hook", None) is not None)
 
 
 def launch_key(device: int, args: Sequence[Any], kwargs: dict) -> tuple:
-    """The cache key of a launch: a refinement of Triton's specialisation of these arguments
-    (equal keys imply that Triton compiles and launches the same kernel)."""
+    """The cache key of a launch with positional ``args`` (none of them a constexpr): a
+    refinement of Triton's specialisation of these arguments, so equal keys imply that Triton
+    would compile and launch the same kernel."""
     key: list = [device]
     for a in args:
-        if isinstance(a, torch.Tensor):
-            key.append(a.dtype)
-            key.append(a.data_ptr() & 15)
-        elif type(a) is float:
+        kind = type(a)
+        if kind is int:
+            key.append(a)
+        elif kind is float:
             key.append(float)
+        elif kind is bool:          # Triton types True as u1, the int 1 as a constexpr
+            key.append((bool, a))
+        elif isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.data_ptr() & 15))
         else:
             key.append(a)
     key.append(tuple(kwargs.items()))
@@ -60,20 +71,36 @@ def launch_key(device: int, args: Sequence[Any], kwargs: dict) -> tuple:
 
 
 class FastLauncher:
-    """``kernel[grid](*args, **kwargs)`` for a ``@triton.jit`` kernel, remembering compiled
-    kernels by :func:`launch_key` (see the module docstring). ``fn`` is the wrapped kernel."""
+    """``kernel[grid](*args, **kwargs)`` for a ``@triton.jit`` kernel ``fn``, remembering
+    compiled kernels by :func:`launch_key` (see the module docstring). Other attributes are
+    ``fn``'s."""
 
     def __init__(self, fn: JITFunction):
         self.fn = fn
         self.__name__ = getattr(fn, "__name__", "kernel")
+        self.__doc__ = getattr(fn, "__doc__", None)
         self._fast = isinstance(fn, JITFunction)    # False for the interpreter's functions
         if self._fast:
             self._names = [p.name for p in fn.params]
-            self._defaults = {p.name: p._param.default for p in fn.params}
-        self._known: dict[tuple, tuple[Any, tuple[str, ...]]] = {}
+            self._defaults = {p.name: p.default for p in fn.params}
+            self._first_constexpr = next(
+                (i for i, p in enumerate(fn.params) if p.is_constexpr), len(fn.params))
+        # key -> (compiled kernel, names of the parameters after the positional ones, the
+        # Triton cache that held it)
+        self._known: dict[tuple, tuple[Any, tuple[str, ...], dict]] = {}
 
-    def __getitem__(self, grid: Sequence[int]) -> Callable[..., None]:
-        if not self._fast or self.fn.pre_run_hooks or not _hooks_idle():
+    def __getattr__(self, name: str):
+        fn = self.__dict__.get("fn")
+        if fn is None:
+            raise AttributeError(name)
+        return getattr(fn, name)
+
+    def __repr__(self) -> str:
+        return f"FastLauncher({self.fn!r})"
+
+    def __getitem__(self, grid) -> Callable[..., None]:
+        if (not self._fast or callable(grid) or self.fn.pre_run_hooks
+                or _triton_path_only()):
             return self.fn[grid]
         return lambda *args, **kwargs: self._launch(grid, args, kwargs)
 
@@ -81,25 +108,34 @@ class FastLauncher:
         device = driver.active.get_current_device()
         key = launch_key(device, args, kwargs)
         known = self._known.get(key)
-        if known is None:
-            self._remember(key, self.fn[grid](*args, **kwargs), len(args))
-            return
-        kernel, tail = known
-        bound = args + tuple([kwargs[n] if n in kwargs else self._defaults[n] for n in tail])
-        kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-                   driver.active.get_current_stream(device), kernel.function,
-                   kernel.packed_metadata, None, None, None, *bound)
+        if known is not None:
+            kernel, tail, cache = known
+            caches = self.fn.device_caches.get(device)
+            if caches is not None and caches[0] is cache:
+                bound = args + tuple([kwargs[n] if n in kwargs else self._defaults[n]
+                                      for n in tail])
+                kernel.run(grid[0], grid[1] if len(grid) > 1 else 1,
+                           grid[2] if len(grid) > 2 else 1,
+                           driver.active.get_current_stream(device), kernel.function,
+                           kernel.packed_metadata, None, None, None, *bound)
+                return
+            del self._known[key]          # Triton's cache was replaced: ask it again
+        self._remember(key, self.fn[grid](*args, **kwargs), args, kwargs, device)
 
-    def _remember(self, key: tuple, kernel: Any, positional: int) -> None:
-        """Keep the kernel Triton launched for ``key``: with the names of the parameters the
+    def _remember(self, key: tuple, kernel: Any, args: tuple, kwargs: dict, device: int) -> None:
+        """Keep the kernel Triton launched for ``key``, with the names of the parameters the
         call passed by keyword or left to their defaults, in signature order."""
         if hasattr(kernel, "result"):        # an asynchronous compile's future
             kernel = kernel.result()
         if getattr(kernel, "function", None) is None:
             return      # nothing was launched (a compile-only stand-in): keep Triton's path
-        if len(self._known) >= MAX_KEYS:
-            self._known.clear()
-        self._known[key] = (kernel, tuple(self._names[positional:]))
+        if len(args) > self._first_constexpr or any(
+                isinstance(v, torch.Tensor) for v in kwargs.values()):
+            return      # outside what launch_key refines: keep Triton's path
+        while len(self._known) >= MAX_KEYS:
+            del self._known[next(iter(self._known))]     # the oldest first
+        self._known[key] = (kernel, tuple(self._names[len(args):]),
+                            self.fn.device_caches[device][0])
 
 
 def fast_launch(fn: JITFunction) -> FastLauncher:

@@ -2,34 +2,29 @@
 hands its launcher what Triton would. The comparison with Triton runs in a fresh interpreter
 (tests/_launch_check.py, real JIT functions compiled for sm_90); the key's own properties are
 checked here."""
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+from _jit_scripts import needs_ptxas, run_jit_script
+
+pytest.importorskip("triton")
 from mmfast.kernels import _launch  # noqa: E402
 from mmfast.kernels._launch import FastLauncher, launch_key  # noqa: E402
 
-PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 SCRIPT = Path(__file__).with_name("_launch_check.py")
 
 
-@pytest.mark.skipif(not PTXAS.exists(), reason="this Triton build has no bundled ptxas")
+@needs_ptxas
 def test_fast_launches_match_triton():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = run_jit_script(SCRIPT)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     summary = re.search(r"launch check: (\d+) argument variants .*?, (\d+) fast-path launches "
                         r"compared with Triton's; 0 failure", out)
-    assert summary and int(summary.group(1)) > 100 and int(summary.group(2)) >= 16, out[-3000:]
+    assert summary and int(summary.group(1)) > 150 and int(summary.group(2)) >= 30, out[-3000:]
 
 
 def _offset(dtype, elements):
@@ -46,7 +41,8 @@ def test_key_separates_what_triton_specialises():
                    if t.data_ptr() % 16 == 0)
     off = next(t for t in (_offset(torch.float32, i) for i in range(4)) if t.data_ptr() % 16)
     assert launch_key(0, (aligned,), {}) != launch_key(0, (off,), {})        # alignment
-    for a, b in ((1, 2), (16, 17), (16, 32), (2 ** 31, 2 ** 31 + 16), (True, False)):
+    for a, b in ((1, 2), (16, 17), (16, 32), (2 ** 31, 2 ** 31 + 16), (True, False), (True, 1),
+                 (False, 0)):
         assert launch_key(0, (a,), {}) != launch_key(0, (b,), {})
     assert launch_key(0, (None,), {}) != launch_key(0, (x,), {})
     assert launch_key(0, (1.0,), {}) == launch_key(0, (-2.5,), {})          # floats: fp32, unspecialised
@@ -71,14 +67,37 @@ def test_interpreted_kernels_take_tritons_path():
     assert calls == [((3,), (1, 2), {"BLOCK": 4})] * 2 and not launcher._known
 
 
-def test_key_table_is_bounded(monkeypatch):
-    monkeypatch.setattr(_launch, "MAX_KEYS", 3)
-    launcher = FastLauncher.__new__(FastLauncher)
-    launcher._known, launcher._names = {}, ["a", "B"]
+class _Compiled:
+    function = 1
 
-    class Compiled:
-        function = 1
+
+class _Jit:
+    """What FastLauncher reads of a JITFunction: its per-device caches."""
+    device_caches = {0: ({}, {}, None, None, None)}
+
+
+def _bare_launcher(names=("a", "B"), first_constexpr=1):
+    launcher = FastLauncher.__new__(FastLauncher)
+    launcher.fn, launcher._known = _Jit(), {}
+    launcher._names, launcher._first_constexpr = list(names), first_constexpr
+    return launcher
+
+
+def test_key_table_is_bounded_oldest_first(monkeypatch):
+    monkeypatch.setattr(_launch, "MAX_KEYS", 3)
+    launcher = _bare_launcher()
     for i in range(7):
-        launcher._remember((i,), Compiled(), 1)
+        launcher._remember((i,), _Compiled(), (1,), {"B": 2}, 0)
         assert len(launcher._known) <= 3
+    assert list(launcher._known) == [(4,), (5,), (6,)]
     assert launcher._known[(6,)][1] == ("B",)
+
+
+def test_calls_outside_the_key_are_not_remembered():
+    """A tensor passed by keyword, or a constexpr passed positionally, is not keyed the way
+    Triton keys it: such calls keep Triton's path."""
+    launcher = _bare_launcher()
+    launcher._remember((0,), _Compiled(), (1,), {"B": torch.empty(2)}, 0)
+    launcher._remember((1,), _Compiled(), (1, 2), {}, 0)
+    launcher._remember((2,), None, (1,), {"B": 2}, 0)       # nothing launched (compile only)
+    assert not launcher._known
