@@ -30,6 +30,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler.compiler import CompiledKernel  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
@@ -56,6 +57,25 @@ class _TargetOnlyDriver:
 
     def get_active_torch_device(self):
         return torch.device("cpu")
+
+
+def target_only(arch: int = 90) -> None:
+    """Compile for ``sm_<arch>`` on this machine: Triton gets the target-only driver, and
+    mmfast's backend is told the triton path can run on CPU tensors, so the public ops reach
+    the GPU launchers (with the GPU block-size heuristics)."""
+    driver.set_active(_TargetOnlyDriver(GPUTarget("cuda", arch, 32)))
+    import mmfast.backend
+    mmfast.backend.triton_can_run = lambda device: True
+
+
+def record_launches(record) -> None:
+    """Launch compiled kernels into ``record``: a kernel's launcher, instead of calling the
+    CUDA driver, passes ``record`` the tuple of arguments Triton's launch path gave it."""
+    def init_handles(self):
+        if self.module is None:
+            self.module, self.function = object(), id(self)
+            self._run = lambda *call: record(call)
+    CompiledKernel._init_handles = init_handles
 
 
 COMPILED: dict[int, tuple[str, object]] = {}
@@ -207,10 +227,9 @@ def main(argv=None) -> int:
                         help=f"comma-separated, of {', '.join(DTYPES)}")
     args = parser.parse_args(argv)
 
-    driver.set_active(_TargetOnlyDriver(GPUTarget("cuda", args.arch, 32)))
+    target_only(args.arch)
     JITFunction.__getitem__ = _compile_only
     import mmfast.backend
-    mmfast.backend.triton_can_run = lambda device: True   # CPU tensors reach the launchers
     failures = []
     with mmfast.backend.use_backend("triton"):
         for name, thunk in _cases(tuple(DTYPES[d] for d in args.dtypes.split(","))):
