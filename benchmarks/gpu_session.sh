@@ -33,6 +33,17 @@ for suite in $suites; do
     --targets-only ${EXTRA:-} --benchmark-json="$RES/targets_$suite.json" > "$RES/bench_$suite.log" 2>&1
   echo "bench $suite rc=$? after $(( $(date +%s) - START ))s"; tail -1 "$RES/bench_$suite.log"
 done
+# The attention suite again on the general (tl.dot) kernel for every M, to compare it with the
+# small-M kernel that M <= 8 takes by default (kernels/subset_attention_small.py).
+case " $suites " in *" attention "*)
+  t=$(left)
+  if [ "$t" -ge 30 ]; then
+    MMFAST_ATTENTION_SMALL_M=0 timeout "$t" python3 -m pytest benchmarks/test_bench_attention.py \
+      -q -p no:cacheprovider --targets-only ${EXTRA:-} \
+      --benchmark-json="$RES/targets_attention_general.json" > "$RES/bench_attention_general.log" 2>&1
+    echo "bench attention (general kernel) rc=$? after $(( $(date +%s) - START ))s"
+  fi;;
+esac
 t=$(left)
 if [ -z "${SKIP_TUNE:-}" ] && [ "$t" -ge 60 ]; then
   timeout "$t" python3 benchmarks/tune.py --out "$RES" > "$RES/tune.log" 2>&1

@@ -62,7 +62,9 @@ import triton.language as tl
 from mmfast.backend import triton_interpreting
 from mmfast.kernels._common import cdiv, next_power_of_2
 from mmfast.kernels._launch import fast_launch
-from mmfast.kernels._masks import load_members, mask_layout, members_used
+from mmfast.kernels._masks import load_members, mask_layout, mask_row, members_used
+from mmfast.kernels.subset_attention_small import (SMALL_M, _small_backward_kernel,
+                                                   _small_forward_kernel, small_blocks)
 
 
 @triton.jit
@@ -398,14 +400,14 @@ def subset_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = torch.empty((*mask.shape[:-1], H, M), dtype=_lse_dtype(q.dtype), device=q.device)
     if B * S * M == 0:
         return out, lse
+    if M <= SMALL_M:
+        _small_forward(q, k, v, mask_bytes, S, (smb, sms, smm), out, lse, mask, H, scale)
+        return out, lse
     precision = _precision(q.dtype)
     block_q, block_k, block_d, chunk_s, warps = _blocks(S, M, Dh,
                                                         columns=precision == "columns")
     chunks = cdiv(S, chunk_s)
-    # On the GPU, split a row's subsets over programs when rows × heads alone would leave SMs
-    # idle (each split recomputes the scores, a small cost next to its chunks).
-    splits = 1 if triton_interpreting() else max(1, min(chunks, cdiv(2048, B * H)))
-    per_program = cdiv(chunks, splits) * chunk_s
+    per_program = cdiv(chunks, _splits(chunks, B, H)) * chunk_s
     grid = (B, H, cdiv(S, per_program))
     sob, sos, som, _ = _per_subset_strides(out, mask)
     slb, sls, slh, _ = _per_subset_strides(lse, mask)
@@ -449,6 +451,10 @@ def subset_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
         return dq, dk, dv
     if S == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    if M <= SMALL_M:
+        _small_backward(grad_out, q, k, v, mask_bytes, S, (smb, sms, smm), lse, mask, H, scale,
+                        dq, dk, dv)
+        return dq, dk, dv
     precision = _precision(q.dtype)
     block_q, block_k, block_d, chunk_s, warps = _blocks(S, M, Dh, backward=True,
                                                         columns=precision == "columns")
@@ -466,3 +472,52 @@ def subset_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
         num_warps=warps,
     )
     return dq, dk, dv
+
+
+def _splits(chunks: int, B: int, H: int) -> int:
+    """Programs a row's subsets are split over in the forward: on the GPU, enough for about
+    2048 programs when rows × heads alone would leave SMs idle (each split recomputes the
+    scores, a small cost next to its chunks); one in the interpreter."""
+    return 1 if triton_interpreting() else max(1, min(chunks, cdiv(2048, B * H)))
+
+
+def _small_forward(q, k, v, mask_bytes, S, mask_strides, out, lse, mask, H, scale):
+    """:func:`subset_attention_forward` for M <= SMALL_M (kernels/subset_attention_small.py)."""
+    B, M, E = q.shape
+    Dh = E // H
+    block_m, chunk_s, di, dl, warps = small_blocks(S, M, Dh, q.element_size())
+    per_program = cdiv(cdiv(S, chunk_s), _splits(cdiv(S, chunk_s), B, H)) * chunk_s
+    sob, sos, som, _ = _per_subset_strides(out, mask)
+    slb, sls, slh, _ = _per_subset_strides(lse, mask)
+    _small_forward_kernel[(B, H, cdiv(S, per_program))](
+        q, k, v, mask_bytes, out, lse,
+        S, M, Dh, per_program, *_scale_pair(scale),
+        *q.stride(), *k.stride(), *v.stride(),
+        *mask_strides,
+        sob, sos, som,
+        slb, sls, slh,
+        ACC_DTYPE=_acc_dtype(q.dtype), BLOCK_M=block_m, CHUNK_S=chunk_s, DI=di, DL=dl,
+        MASK_ROW=mask_row(mask_bytes, M, block_m, mask_strides),
+        num_warps=warps,
+    )
+
+
+def _small_backward(grad_out, q, k, v, mask_bytes, S, mask_strides, lse, mask, H, scale,
+                    dq, dk, dv):
+    """:func:`subset_attention_backward` for M <= SMALL_M (kernels/subset_attention_small.py)."""
+    B, M, E = q.shape
+    Dh = E // H
+    block_m, chunk_s, di, dl, warps = small_blocks(S, M, Dh, q.element_size(), backward=True)
+    slb, sls, slh, _ = _per_subset_strides(lse, mask)
+    _small_backward_kernel[(B, H)](
+        grad_out, q, k, v, mask_bytes, lse, dq, dk, dv,
+        S, M, Dh, *_scale_pair(scale),
+        *_per_subset_strides(grad_out, mask),
+        *q.stride(), *k.stride(), *v.stride(),
+        *mask_strides,
+        slb, sls, slh,
+        dq.stride(0), dq.stride(1),
+        ACC_DTYPE=_acc_dtype(q.dtype), BLOCK_M=block_m, CHUNK_S=chunk_s, DI=di, DL=dl,
+        MASK_ROW=mask_row(mask_bytes, M, block_m, mask_strides),
+        num_warps=warps,
+    )

@@ -193,14 +193,16 @@ def test_matches_brute_force(B, M, E, H, kind, dtype):
 
 
 @pytest.mark.parametrize("M,S,Dh,block_q", [(8, 256, 16, 8), (3, 8, 20, 4), (8, 1, 16, 16),
-                                             (2, 4, 16, 4)])
+                                             (2, 4, 16, 4), (12, 40, 16, 16)])
 def test_gpu_tiles(monkeypatch, M, S, Dh, block_q):
-    """The GPU's tile configuration under the interpreter (block sizes, and the split of a row's
-    subsets over programs, depend on whether the interpreter runs): query blocks narrower than
-    16 (8 and 4 at M = 8 and 3, with several subsets a chunk), the per-sample case where the
-    single-subset chunk pads queries to 16, and the forward's split of a row's subsets."""
+    """The general (tl.dot) kernel's GPU tile configuration under the interpreter (block sizes,
+    and the split of a row's subsets over programs, depend on whether the interpreter runs):
+    query blocks narrower than 16 (8 and 4 at M = 8 and 3, with several subsets a chunk), the
+    per-sample case where the single-subset chunk pads queries to 16, and the forward's split
+    of a row's subsets. Tokens up to SMALL_M go to the small kernel unless SMALL_M is 0."""
     kernel = kernel_module()
     monkeypatch.setattr(kernel, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(kernel, "SMALL_M", 0)
     got_q, block_k, block_d, chunk_s, _ = kernel._blocks(S, M, Dh)
     assert got_q == block_q and block_k >= 16 and block_d >= 16 and chunk_s * block_q >= 16
     B, H = 2, 2
@@ -209,6 +211,82 @@ def test_gpu_tiles(monkeypatch, M, S, Dh, block_q):
     mask = random_mask(B, M, seed=seed + 3) if S == 1 else (
         every_subset(M)[:S].expand(B, S, M) if 2 ** M >= S else random_mask(B, S, M, seed=seed))
     check(q, k, v, mask, H, seed=seed + 4)
+
+
+def small_module():
+    from mmfast.kernels import subset_attention_small as small
+    return small
+
+
+@pytest.mark.parametrize("M,S,Dh,mask_kind", [(8, 255, 64, "bank"), (8, 1, 20, "row"),
+                                               (4, 13, 17, "rows"), (3, 7, 64, "bank"),
+                                               (5, 9, 6, "rows"), (1, 3, 8, "rows")])
+def test_small_kernel_gpu_tiles(monkeypatch, M, S, Dh, mask_kind):
+    """The small-M kernels (kernels/subset_attention_small.py) with their GPU tiles under the
+    interpreter: 4 subsets a forward chunk and 2 a backward chunk at M = 8 (a bank of 255
+    subsets ends in a partial chunk), the forward's split of a row's subsets over programs,
+    head slices narrower than a lane's vector (Dh = 6, 17, 20), and the three ways membership is
+    read: 32-bit words (M = 8 and 4, aligned rows), bytes (M = 3, 5, 1)."""
+    kernel, small = kernel_module(), small_module()
+    monkeypatch.setattr(kernel, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(small, "triton_interpreting", lambda: False)
+    block_m, chunk_s, di, dl, warps = small.small_blocks(S, M, Dh, 4)
+    _, back_chunk, _, _, _ = small.small_blocks(S, M, Dh, 4, backward=True)
+    assert block_m * chunk_s <= 32 and block_m * back_chunk <= 16 and di * dl >= Dh
+    if M == 8 and S > 1:
+        assert (chunk_s, back_chunk) == (4, 2)
+    B, H = 3, 2
+    seed = 700 + M * 10 + S
+    q, k, v = (randn(B, M, H * Dh, seed=seed + i, dtype=torch.float32) for i in range(3))
+    if mask_kind == "bank":
+        bank = every_subset(M)[1:S + 1]
+        mask = bank.expand(B, S, M)
+    elif mask_kind == "row":
+        mask = random_mask(B, M, seed=seed + 3)
+    else:
+        mask = random_mask(B, S, M, seed=seed + 3)
+    check(q, k, v, mask, H, seed=seed + 4)
+
+
+def test_small_kernel_reads_membership_words_only_when_rows_are_aligned():
+    """mask_row decides the small kernel's word reads: M = 8 and 4 rows that are whole aligned
+    blocks read words; a bank viewed at a one-byte offset, and M not a power of two, read bytes.
+    Each case gives the brute force's values and gradients."""
+    from mmfast.kernels._masks import mask_layout, mask_row
+    B, M, E, H = 2, 8, 16, 2
+    q, k, v = (randn(B, M, E, seed=131 + i) for i in range(3))
+    table = torch.zeros(2 * 37 * M + 1, dtype=torch.bool, device=DEVICE)
+    table[1:] = random_mask(2 * 37 * M, seed=134)
+    aligned = table[:-1].view(2, 37, M)
+    shifted = table[1:].view(2, 37, M)                   # data_ptr one byte past alignment
+    for mask, words in ((aligned, True), (shifted, False)):
+        mask_bytes, _, strides = mask_layout(mask)
+        assert (mask_row(mask_bytes, M, M, strides) >= 4) == words
+        check(q, k, v, mask, H, seed=135)
+    q4, k4, v4 = (t[:, :4] for t in (q, k, v))
+    check(q4, k4, v4, random_mask(B, 6, 4, seed=136), H, seed=137)
+
+
+@pytest.mark.parametrize("kind", ["row", "bank", "row_bank"])
+def test_small_and_general_kernels_agree(monkeypatch, kind):
+    """Up to SMALL_M tokens, the small kernel and the general one compute the same forward,
+    saved lse and gradients (float64, to rounding)."""
+    kernel = kernel_module()
+    B, M, E, H = 3, 7, 20, 2
+    q, k, v = (randn(B, M, E, seed=141 + i) for i in range(3))
+    mask = make_mask(kind, B, M, seed=144)
+    g = randn(*mask.shape[:-1], M, E, seed=145)
+    small = run_triton(q, k, v, mask, H, g, 0.3), kernel.subset_attention_forward(
+        q, k, v, mask, H, 0.3)[1]
+    monkeypatch.setattr(kernel, "SMALL_M", 0)
+    general = run_triton(q, k, v, mask, H, g, 0.3), kernel.subset_attention_forward(
+        q, k, v, mask, H, 0.3)[1]
+    (out_s, grads_s), lse_s = small
+    (out_g, grads_g), lse_g = general
+    torch.testing.assert_close(out_s, out_g, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse_s, lse_g, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads_s, grads_g):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -226,8 +304,8 @@ def test_float64_reference_on_a_bank_of_several_chunks():
     q, k, v = (randn(B, M, E, seed=21 + i) for i in range(3))
     mask = every_subset(M).expand(B, 2 ** M, M)
     kernel = kernel_module()
-    chunk_s = kernel._blocks(2 ** M, M, E // H)[3]
-    assert chunk_s < 2 ** M
+    chunk_s = small_module().small_blocks(2 ** M, M, E // H, 8, backward=True)[1]
+    assert M <= kernel.SMALL_M and chunk_s < 2 ** M
     scale = 0.41
     out, lse = kernel.subset_attention_forward(q, k, v, mask, H, scale)
     ref_out, ref_lse = reference_attention(q, k, v, mask, H, scale)
