@@ -146,6 +146,25 @@ def _sum_features(x):
     return tl.sum(tl.sum(x, axis=4, keep_dims=True), axis=0, keep_dims=True)
 
 
+@triton.jit
+def _row_tiles(q_ptr, k_ptr, v_ptr, mask_ptr, row, first, last, i5, j5, d5, cols, M, Dh, scale,
+               stride_qb, stride_qm, stride_qe, stride_kb, stride_km, stride_ke, stride_vb,
+               stride_vm, stride_ve, stride_mb, stride_ms, stride_mm, ACC_DTYPE: tl.constexpr,
+               BLOCK_M: tl.constexpr, CHUNK_S: tl.constexpr, MASK_ROW: tl.constexpr):
+    """A program's head slices q ``[DL, BM, 1, 1, DI]``, k and v ``[DL, BM, BM, 1, DI]`` (only
+    tokens in one of the subsets ``[first, last)``) and the scores ``scale · q kᵀ``
+    ``[1, BM, BM, 1, 1]``, computed once and shared by all the subsets."""
+    used = _used_bits(mask_ptr, row, first, last, M, stride_mb, stride_ms, stride_mm, BLOCK_M,
+                      MASK_ROW, CHUNK_S)
+    q = _head_tile(q_ptr, row, i5, i5, used, d5, cols, Dh, stride_qb, stride_qm, stride_qe,
+                   ACC_DTYPE)
+    k = _head_tile(k_ptr, row, j5, i5, used, d5, cols, Dh, stride_kb, stride_km, stride_ke,
+                   ACC_DTYPE)
+    v = _head_tile(v_ptr, row, j5, i5, used, d5, cols, Dh, stride_vb, stride_vm, stride_ve,
+                   ACC_DTYPE)
+    return q, k, v, _sum_features(q * k) * scale
+
+
 @fast_launch
 @triton.jit
 def _small_forward_kernel(
@@ -167,15 +186,10 @@ def _small_forward_kernel(
     i5, j5, s5, d5, cols = _axes(head, Dh, BLOCK_M, CHUNK_S, DI, DL)
     scale = tl.cast(scale_hi, ACC_DTYPE) + tl.cast(scale_lo, ACC_DTYPE)
 
-    used = _used_bits(mask_ptr, row, first, last, M, stride_mb, stride_ms, stride_mm, BLOCK_M,
-                      MASK_ROW, CHUNK_S)
-    q = _head_tile(q_ptr, row, i5, i5, used, d5, cols, Dh, stride_qb, stride_qm,
-                   stride_qe, ACC_DTYPE)
-    k = _head_tile(k_ptr, row, j5, i5, used, d5, cols, Dh, stride_kb, stride_km,
-                   stride_ke, ACC_DTYPE)
-    v = _head_tile(v_ptr, row, j5, i5, used, d5, cols, Dh, stride_vb, stride_vm,
-                   stride_ve, ACC_DTYPE)
-    scores = _sum_features(q * k) * scale                                  # [1, BM, BM, 1, 1]
+    q, k, v, scores = _row_tiles(
+        q_ptr, k_ptr, v_ptr, mask_ptr, row, first, last, i5, j5, d5, cols, M, Dh, scale,
+        stride_qb, stride_qm, stride_qe, stride_kb, stride_km, stride_ke, stride_vb, stride_vm,
+        stride_ve, stride_mb, stride_ms, stride_mm, ACC_DTYPE, BLOCK_M, CHUNK_S, MASK_ROW)
 
     for s0 in range(first, last, CHUNK_S):
         s = s0 + s5
@@ -221,15 +235,10 @@ def _small_backward_kernel(
     i5, j5, s5, d5, cols = _axes(head, Dh, BLOCK_M, CHUNK_S, DI, DL)
     scale = tl.cast(scale_hi, ACC_DTYPE) + tl.cast(scale_lo, ACC_DTYPE)
 
-    used = _used_bits(mask_ptr, row, 0, S, M, stride_mb, stride_ms, stride_mm, BLOCK_M,
-                      MASK_ROW, CHUNK_S)
-    q = _head_tile(q_ptr, row, i5, i5, used, d5, cols, Dh, stride_qb, stride_qm,
-                   stride_qe, ACC_DTYPE)
-    k = _head_tile(k_ptr, row, j5, i5, used, d5, cols, Dh, stride_kb, stride_km,
-                   stride_ke, ACC_DTYPE)
-    scores = _sum_features(q * k) * scale                                  # [1, BM, BM, 1, 1]
-    v = _head_tile(v_ptr, row, j5, i5, used, d5, cols, Dh, stride_vb, stride_vm,
-                   stride_ve, ACC_DTYPE)
+    q, k, v, scores = _row_tiles(
+        q_ptr, k_ptr, v_ptr, mask_ptr, row, 0, S, i5, j5, d5, cols, M, Dh, scale,
+        stride_qb, stride_qm, stride_qe, stride_kb, stride_km, stride_ke, stride_vb, stride_vm,
+        stride_ve, stride_mb, stride_ms, stride_mm, ACC_DTYPE, BLOCK_M, CHUNK_S, MASK_ROW)
 
     w = tl.zeros((DL, BLOCK_M, BLOCK_M, 1, DI), dtype=ACC_DTYPE)          # W_ij, per feature
     p_d = tl.zeros((1, BLOCK_M, BLOCK_M, 1, 1), dtype=ACC_DTYPE)          # Σ_s P^s_ij D^s_i
