@@ -25,9 +25,10 @@ def mask_layout(mask: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int, 
 
 
 def mask_row(mask_bytes: torch.Tensor, M: int, block_m: int, strides: tuple[int, int, int]) -> int:
-    """MASK_ROW for :func:`load_members`: the alignment, up to 16 bytes (one vector load), of
-    every subset's membership row when that row is one contiguous block of BLOCK_M = M bytes
-    (M a power of two) for every row b and subset; 1 (byte loads) otherwise."""
+    """MASK_ROW for :func:`load_members` (and the small attention kernels' word reads): the
+    alignment, up to 16 bytes (one vector load), of every subset's membership row when that row
+    is one contiguous block of BLOCK_M = M bytes (M a power of two) for every row b and subset;
+    1 (byte loads) otherwise. For M <= 16 the strides are then multiples of M."""
     skb, sks, skm = strides
     if not (skm == 1 and block_m == M and M > 1 and M & (M - 1) == 0):
         return 1

@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from mmfast.backend import triton_interpreting
-from mmfast.kernels._common import cdiv, next_power_of_2
+from mmfast.kernels._common import acc_dtype, cdiv, next_power_of_2
 from mmfast.kernels._launch import fast_launch
 from mmfast.kernels._masks import load_members, mask_layout, mask_row, members_used
 
@@ -416,10 +416,6 @@ def _poe_backward_kernel(
         tl.store(dplv_ptr + flat, dplv.to(dplv_ptr.dtype.element_ty), mask=valid_d)
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _per_subset_strides(t: torch.Tensor, mask: torch.Tensor) -> tuple[int, int, int]:
     """(b, s, d) strides of an output-shaped tensor ``[B, (S,) d]``."""
     if mask.dim() == 2:
@@ -499,7 +495,7 @@ def gaussian_poe_forward(mu: torch.Tensor, logvar: torch.Tensor, mask: torch.Ten
         skb, sks, skm,
         spb, spd, sqb, sqd,
         out_mu.stride(0), sos,
-        HAS_PRIOR=prior_mu is not None, SHARED_SHIFT=S > 1, ACC_DTYPE=_acc_dtype(mu.dtype),
+        HAS_PRIOR=prior_mu is not None, SHARED_SHIFT=S > 1, ACC_DTYPE=acc_dtype(mu.dtype),
         BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s,
         MASK_ROW=mask_row(mask_bytes, M, block_m, (skb, sks, skm)), num_warps=warps,
     )
@@ -549,7 +545,7 @@ def gaussian_poe_backward(grad_mu: torch.Tensor, grad_logvar: torch.Tensor, mu: 
         *mu.stride(), *logvar.stride(),
         skb, sks, skm,
         spb, spd, sqb, sqd,
-        HAS_PRIOR=has_prior, SHARED_SHIFT=S > 1, ACC_DTYPE=_acc_dtype(mu.dtype),
+        HAS_PRIOR=has_prior, SHARED_SHIFT=S > 1, ACC_DTYPE=acc_dtype(mu.dtype),
         BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s,
         MASK_ROW=mask_row(mask_bytes, M, block_m, (skb, sks, skm)), num_warps=warps,
     )

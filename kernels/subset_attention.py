@@ -53,14 +53,13 @@ strides, so a bank shared by all rows (``bank.expand(B, S, M)``) is never materi
 """
 from __future__ import annotations
 
-import struct
-
 import torch
 import triton
 import triton.language as tl
 
 from mmfast.backend import triton_interpreting
-from mmfast.kernels._common import cdiv, next_power_of_2
+from mmfast.kernels._common import (acc_dtype, cdiv, next_power_of_2, split_float,
+                                    torch_acc_dtype)
 from mmfast.kernels._launch import fast_launch
 from mmfast.kernels._masks import load_members, mask_layout, mask_row, members_used
 from mmfast.kernels.subset_attention_small import (SMALL_M, _small_backward_kernel,
@@ -130,8 +129,8 @@ def _matmul(a, b, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, FULL: tl.con
 
 @triton.jit
 def _scale_value(scale_hi, scale_lo, ACC_DTYPE: tl.constexpr):
-    # Float kernel arguments travel as float32; float64 inputs get the scale back to ~48 bits
-    # from a float32 pair (hi + lo).
+    # Float kernel arguments travel as float32; float64 inputs get the scale back from its
+    # float32 pair (hi + lo, _common.split_float).
     return tl.cast(scale_hi, ACC_DTYPE) + tl.cast(scale_lo, ACC_DTYPE)
 
 
@@ -304,30 +303,12 @@ def _store_rows(ptr, row, offs, cols, M, valid_d, value, stride_b, stride_m):
              mask=(offs < M)[:, None] & valid_d[None, :])
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _per_subset_strides(t: torch.Tensor, mask: torch.Tensor) -> tuple[int, ...]:
     """(b, s, rest...) strides of a tensor shaped ``[B, (S,) ...]`` like the mask's leading
     axes (s stride 0 for a ``[B, M]`` mask)."""
     if mask.dim() == 2:
         return (t.stride(0), 0, *t.stride()[1:])
     return tuple(t.stride())
-
-
-def _to_float32(x: float) -> float:
-    return struct.unpack("f", struct.pack("f", x))[0]
-
-
-def _scale_pair(scale: float) -> tuple[float, float]:
-    """``scale`` as float32 ``hi + lo`` (see :func:`_scale_value`)."""
-    hi = _to_float32(scale)
-    return hi, _to_float32(scale - hi)
 
 
 def _blocks(S: int, M: int, Dh: int, backward: bool = False,
@@ -397,7 +378,7 @@ def subset_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Dh = E // H
     mask_bytes, S, (smb, sms, smm) = mask_layout(mask)
     out = torch.empty((*mask.shape[:-1], M, E), dtype=q.dtype, device=q.device)
-    lse = torch.empty((*mask.shape[:-1], H, M), dtype=_lse_dtype(q.dtype), device=q.device)
+    lse = torch.empty((*mask.shape[:-1], H, M), dtype=torch_acc_dtype(q.dtype), device=q.device)
     if B * S * M == 0:
         return out, lse
     if M <= SMALL_M:
@@ -413,12 +394,12 @@ def subset_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     slb, sls, slh, _ = _per_subset_strides(lse, mask)
     _attention_forward_kernel[grid](
         q, k, v, mask_bytes, out, lse,
-        S, M, Dh, per_program, *_scale_pair(scale),
+        S, M, Dh, per_program, *split_float(scale),
         *q.stride(), *k.stride(), *v.stride(),
         smb, sms, smm,
         sob, sos, som,
         slb, sls, slh,
-        ACC_DTYPE=_acc_dtype(q.dtype), PRECISION=precision,
+        ACC_DTYPE=acc_dtype(q.dtype), PRECISION=precision,
         BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, CHUNK_S=chunk_s,
         num_warps=warps,
     )
@@ -461,13 +442,13 @@ def subset_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     slb, sls, slh, _ = _per_subset_strides(lse, mask)
     _attention_backward_kernel[(B, H)](
         grad_out, q, k, v, mask_bytes, lse, dq, dk, dv,
-        S, M, Dh, *_scale_pair(scale),
+        S, M, Dh, *split_float(scale),
         *_per_subset_strides(grad_out, mask),
         *q.stride(), *k.stride(), *v.stride(),
         smb, sms, smm,
         slb, sls, slh,
         dq.stride(0), dq.stride(1),
-        ACC_DTYPE=_acc_dtype(q.dtype), PRECISION=precision,
+        ACC_DTYPE=acc_dtype(q.dtype), PRECISION=precision,
         BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, CHUNK_S=chunk_s,
         num_warps=warps,
     )
@@ -491,12 +472,12 @@ def _small_forward(q, k, v, mask_bytes, S, mask_strides, out, lse, mask, H, scal
     slb, sls, slh, _ = _per_subset_strides(lse, mask)
     _small_forward_kernel[(B, H, cdiv(S, per_program))](
         q, k, v, mask_bytes, out, lse,
-        S, M, Dh, per_program, *_scale_pair(scale),
+        S, M, Dh, per_program, *split_float(scale),
         *q.stride(), *k.stride(), *v.stride(),
         *mask_strides,
         sob, sos, som,
         slb, sls, slh,
-        ACC_DTYPE=_acc_dtype(q.dtype), BLOCK_M=block_m, CHUNK_S=chunk_s, DI=di, DL=dl,
+        ACC_DTYPE=acc_dtype(q.dtype), BLOCK_M=block_m, CHUNK_S=chunk_s, DI=di, DL=dl,
         MASK_ROW=mask_row(mask_bytes, M, block_m, mask_strides),
         num_warps=warps,
     )
@@ -511,13 +492,13 @@ def _small_backward(grad_out, q, k, v, mask_bytes, S, mask_strides, lse, mask, H
     slb, sls, slh, _ = _per_subset_strides(lse, mask)
     _small_backward_kernel[(B, H)](
         grad_out, q, k, v, mask_bytes, lse, dq, dk, dv,
-        S, M, Dh, *_scale_pair(scale),
+        S, M, Dh, *split_float(scale),
         *_per_subset_strides(grad_out, mask),
         *q.stride(), *k.stride(), *v.stride(),
         *mask_strides,
         slb, sls, slh,
         dq.stride(0), dq.stride(1),
-        ACC_DTYPE=_acc_dtype(q.dtype), BLOCK_M=block_m, CHUNK_S=chunk_s, DI=di, DL=dl,
+        ACC_DTYPE=acc_dtype(q.dtype), BLOCK_M=block_m, CHUNK_S=chunk_s, DI=di, DL=dl,
         MASK_ROW=mask_row(mask_bytes, M, block_m, mask_strides),
         num_warps=warps,
     )

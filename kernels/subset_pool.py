@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from mmfast.backend import triton_interpreting
-from mmfast.kernels._common import cdiv, next_power_of_2
+from mmfast.kernels._common import acc_dtype, cdiv, next_power_of_2
 from mmfast.kernels._launch import fast_launch
 from mmfast.kernels._masks import load_members, mask_layout, mask_row, members_used
 
@@ -110,10 +110,6 @@ def _pool_backward_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid_m[:, None] & valid_d[None, :])
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _tile_budget() -> int:
     """Elements one program may hold: a register budget on the GPU; in the interpreter, where
     every program costs milliseconds, big tiles mean few programs."""
@@ -173,7 +169,7 @@ def launch_pool(x: torch.Tensor, mask: torch.Tensor,
         x.stride(0), x.stride(1), x.stride(2),
         skb, sks, skm,
         out.stride(0), D if mask.dim() == 3 else 0,
-        HAS_BIAS=has_bias, ACC_DTYPE=_acc_dtype(x.dtype),
+        HAS_BIAS=has_bias, ACC_DTYPE=acc_dtype(x.dtype),
         BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s,
         MASK_ROW=mask_row(mask_bytes, M, block_m, (skb, sks, skm)), num_warps=warps,
     )
@@ -211,7 +207,7 @@ def launch_pool_transpose(grad_out: torch.Tensor, mask: torch.Tensor, num_modali
         sgb, sgs, sgd,
         skb, sks, skm,
         out.stride(0), out.stride(1),
-        ACC_DTYPE=_acc_dtype(dtype),
+        ACC_DTYPE=acc_dtype(dtype),
         BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s,
         MASK_ROW=mask_row(mask_bytes, M, block_m, (skb, sks, skm)), num_warps=warps,
     )
