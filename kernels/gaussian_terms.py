@@ -513,7 +513,7 @@ def gaussian_subset_terms_forward(mu_s, logvar_s, eps_s, prior_logits, prior_mu,
     """
     K = eps_s.shape[0]
     acc = torch_acc_dtype(eps_s.dtype)
-    z = torch.empty(eps_s.shape, dtype=eps_s.dtype, device=eps_s.device)
+    z = torch.empty_like(eps_s, memory_format=torch.contiguous_format)
     log_q = torch.empty(eps_s.shape[:-1], dtype=acc, device=eps_s.device)
     log_p = torch.empty(eps_s.shape[:-1], dtype=acc, device=eps_s.device)
     mu, eps = _rows(mu_s, eps_s)
@@ -550,9 +550,9 @@ def gaussian_subset_terms_backward(grad_z, grad_q, grad_p, mu_s, logvar_s, eps_s
     K = eps_s.shape[0]
     mixture = prior_logits is not None
     # The kernel writes every element of these (no memset launches when it runs).
-    dmu = torch.empty(mu_s.shape, dtype=mu_s.dtype, device=mu_s.device)
-    dlv = torch.empty(mu_s.shape, dtype=mu_s.dtype, device=mu_s.device)
-    deps = torch.empty(eps_s.shape, dtype=eps_s.dtype, device=eps_s.device)
+    dmu = torch.empty_like(mu_s, memory_format=torch.contiguous_format)
+    dlv = torch.empty_like(mu_s, memory_format=torch.contiguous_format)
+    deps = torch.empty_like(eps_s, memory_format=torch.contiguous_format)
     if mixture:
         dpl, dpmu, dplv = (torch.zeros_like(t, memory_format=torch.contiguous_format)
                            for t in (prior_logits, prior_mu, prior_logvar))
@@ -620,7 +620,7 @@ def gaussian_full_terms_forward(mu_f, logvar_f, eps_f, mu_s, logvar_s, stl: bool
     """
     K, B, D = eps_f.shape
     acc = torch_acc_dtype(eps_f.dtype)
-    z = torch.empty(eps_f.shape, dtype=eps_f.dtype, device=eps_f.device)
+    z = torch.empty_like(eps_f, memory_format=torch.contiguous_format)
     log_qf = torch.empty((K, B), dtype=acc, device=eps_f.device)
     log_qfs = torch.empty((K, *mu_s.shape[:-1]), dtype=acc, device=eps_f.device)
     mus, S = _subset_view(mu_s)
@@ -647,11 +647,11 @@ def gaussian_full_terms_backward(grad_z, grad_qf, grad_qfs, mu_f, logvar_f, eps_
     K, B, D = eps_f.shape
     # The kernel writes every element of these, and of the subset gradients when grad_qfs
     # reaches it (no memset launches when it runs).
-    dmuf = torch.empty(mu_f.shape, dtype=mu_f.dtype, device=mu_f.device)
-    dlvf = torch.empty(mu_f.shape, dtype=mu_f.dtype, device=mu_f.device)
-    deps = torch.empty(eps_f.shape, dtype=eps_f.dtype, device=eps_f.device)
-    dmus = torch.empty(mu_s.shape, dtype=mu_s.dtype, device=mu_s.device)
-    dlvs = torch.empty(mu_s.shape, dtype=mu_s.dtype, device=mu_s.device)
+    dmuf = torch.empty_like(mu_f, memory_format=torch.contiguous_format)
+    dlvf = torch.empty_like(mu_f, memory_format=torch.contiguous_format)
+    deps = torch.empty_like(eps_f, memory_format=torch.contiguous_format)
+    dmus = torch.empty_like(mu_s, memory_format=torch.contiguous_format)
+    dlvs = torch.empty_like(mu_s, memory_format=torch.contiguous_format)
     if K * B == 0 or (grad_z is None and grad_qf is None and grad_qfs is None):
         return dmuf.zero_(), dlvf.zero_(), deps.zero_(), dmus.zero_(), dlvs.zero_()
     if grad_qfs is None:

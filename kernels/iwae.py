@@ -105,7 +105,7 @@ def importance_logsumexp_backward(grad: torch.Tensor | None,
     """Implementation of ``mmfast::importance_logsumexp_backward``: grad ``[*batch]`` ->
     ``(dw,)`` with dw ``[K, *batch]`` contiguous in w's dtype."""
     K = w.shape[0]
-    dw = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+    dw = torch.empty_like(w, memory_format=torch.contiguous_format)
     if grad is None or dw.numel() == 0:
         return (dw.zero_(),)
     flat = w.reshape(K, -1)

@@ -466,8 +466,8 @@ def _elementwise_backward(family: int, grad: torch.Tensor | None, params: torch.
                           log_scale: torch.Tensor | None, x: torch.Tensor, min_scale: float):
     """-> ``(dparams [K, B, *event], dlog_scale (log_scale's shape) or None, dx [B, *event])``."""
     K, B = params.shape[:2]
-    dp = torch.empty(params.shape, dtype=params.dtype, device=params.device)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dp = torch.empty_like(params, memory_format=torch.contiguous_format)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     if grad is None or dp.numel() == 0:
         ds = None if log_scale is None else torch.zeros_like(log_scale)
         return dp.zero_(), ds, dx.zero_()
@@ -616,7 +616,7 @@ def categorical_log_prob_backward(grad: torch.Tensor | None, logits: torch.Tenso
     """grad ``[K, B]`` -> ``(dlogits,)``: ``[K, B, *event, C]``, contiguous (a one-element
     tuple: one gradient per differentiable input)."""
     K, B, C = logits.shape[0], logits.shape[1], logits.shape[-1]
-    dl = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    dl = torch.empty_like(logits, memory_format=torch.contiguous_format)
     if grad is None or dl.numel() == 0:
         return (dl.zero_(),)
     E = math.prod(logits.shape[2:-1])

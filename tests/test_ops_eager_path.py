@@ -170,3 +170,48 @@ def test_forward_mode_ad_raises_instead_of_giving_zero_tangents():
         with fwAD.dual_level():                    # a dual level alone, no dual input: fine
             assert torch.equal(mmfast.ops.subset_sum_pool(x, mask),
                                torch.ops.mmfast.subset_sum_pool(x, mask))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"], indirect=True)
+@pytest.mark.parametrize("prior_kind", ["standard", "mixture"])
+@pytest.mark.parametrize("stl", [True, False])
+def test_gaussian_terms_one_node_path_is_bit_identical_to_the_two_ops(backend, prior_kind, stl):
+    """With both posteriors, eager gaussian_terms runs both ops under one autograd node
+    (objective._BothTerms): values and gradients must be those of the two custom ops, the
+    contributions of both to mu_s's and logvar_s's gradients included."""
+    from test_ops_objective import make_inputs, require
+    require(backend, True)
+    gen = torch.Generator().manual_seed(11)
+    leaf = make_inputs(3, 4, 2, 5, gen, prior_kind=prior_kind, dtype=torch.float32)
+    prior = ((leaf["logits"], leaf["prior_mu"], leaf["prior_logvar"])
+             if prior_kind == "mixture" else (None, None, None))
+    fast = mmfast.ops.gaussian_terms((leaf["mu_s"], leaf["logvar_s"]), leaf["eps_s"],
+                                     (leaf["mu_f"], leaf["logvar_f"]), leaf["eps_f"],
+                                     prior=None if prior[0] is None else prior, stl=stl)
+    assert type(fast.z_s.grad_fn).__name__ == "_BothTermsBackward"
+    ops = torch.ops.mmfast
+    slow = (*ops.gaussian_subset_terms(leaf["mu_s"], leaf["logvar_s"], leaf["eps_s"], *prior, stl),
+            *ops.gaussian_full_terms(leaf["mu_f"], leaf["logvar_f"], leaf["eps_f"], leaf["mu_s"],
+                                     leaf["logvar_s"], stl))
+    wrt = list(leaf.values())
+    cotangents = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in slow]
+    grads_fast = torch.autograd.grad(tuple(fast), wrt, cotangents)
+    grads_slow = torch.autograd.grad(slow, wrt, cotangents, retain_graph=True)
+    for a, b in zip((*slow, *grads_slow), (*fast, *grads_fast)):
+        assert torch.equal(a, b)
+    # Only some outputs differentiated: the others' cotangents count as zeros on both paths.
+    fast = mmfast.ops.gaussian_terms((leaf["mu_s"], leaf["logvar_s"]), leaf["eps_s"],
+                                     (leaf["mu_f"], leaf["logvar_f"]), leaf["eps_f"],
+                                     prior=None if prior[0] is None else prior, stl=stl)
+    assert torch.equal(torch.autograd.grad(fast.log_q_full_given_s.sum(), leaf["mu_s"])[0],
+                       torch.autograd.grad(slow[5].sum(), leaf["mu_s"])[0])
+
+
+def test_gaussian_terms_uses_the_two_ops_where_they_must_be_seen():
+    from test_ops_objective import make_inputs
+    leaf = make_inputs(2, 3, None, 4, torch.Generator().manual_seed(5), dtype=torch.float32)
+    with mmfast.use_backend("reference"), FlopCounterMode(display=False):
+        out = mmfast.ops.gaussian_terms((leaf["mu_s"], leaf["logvar_s"]), leaf["eps_s"],
+                                        (leaf["mu_f"], leaf["logvar_f"]), leaf["eps_f"])
+    assert type(out.z_s.grad_fn).__name__ != "_BothTermsBackward"
+    assert type(out.z_full.grad_fn).__name__ != "_BothTermsBackward"

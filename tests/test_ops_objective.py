@@ -165,7 +165,9 @@ def test_stl_gradients_follow_only_the_sample_path(backend):
     eps_s, eps_f = leaf["eps_s"].detach(), leaf["eps_f"].detach()
     for stl in (True, False):
         out = call(leaf, stl)
-        g_mu_s, g_lv_s = torch.autograd.grad(out.log_q_s.sum(), (leaf["mu_s"], leaf["logvar_s"]))
+        # The outputs may share one autograd node (the eager path): keep it for the next grads.
+        g_mu_s, g_lv_s = torch.autograd.grad(out.log_q_s.sum(), (leaf["mu_s"], leaf["logvar_s"]),
+                                             retain_graph=True)
         g_mu_f, g_lv_f = torch.autograd.grad(out.log_q_full.sum(), (leaf["mu_f"], leaf["logvar_f"]),
                                              retain_graph=True)
         if stl:

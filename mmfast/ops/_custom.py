@@ -89,12 +89,19 @@ def eager_fast_path(op: Callable, impl: Callable, setup_context: Callable | None
         "forward": staticmethod(forward), "backward": staticmethod(grads)})
 
     def call(*args):
-        _refuse_forward_mode(op, args)
-        if not _plain_eager(args):
+        if not eager_ok(op, args):
             return op(*args)
         return function.apply(*args) if torch.is_grad_enabled() else impl(*args)
     EAGER_PATHS[op._qualname] = call
     return call
+
+
+def eager_ok(op: Callable, args: Sequence) -> bool:
+    """Whether a call of ``op`` with ``args`` may run its implementation directly (in a
+    ``torch.autograd.Function``) rather than through the custom op; raises for forward-mode
+    AD, which no op supports."""
+    _refuse_forward_mode(op, args)
+    return _plain_eager(args)
 
 
 _FUNCTORCH_KEYS = tuple(getattr(torch._C.DispatchKey, k) for k in (
@@ -252,4 +259,9 @@ def define_op(name: str, *, args: str, differentiable: Sequence[int], reference:
 
     forward.register_autograd(autograd, setup_context=setup_context)
     forward_impl.__name__ = name
-    return eager_fast_path(forward, forward_impl, setup_context, autograd)
+    call = eager_fast_path(forward, forward_impl, setup_context, autograd)
+    # For eager paths that run several ops under one autograd node (gaussian_terms): the
+    # custom op, its implementation, and its backward as the backward op's eager path (the
+    # gradients in ``differentiable`` order; empty tensors for absent optional inputs).
+    call.op, call.impl, call.backward = forward, forward_impl, backward
+    return call

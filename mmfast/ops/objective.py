@@ -17,7 +17,7 @@ from torch import Tensor
 
 from mmfast.ops import _validate as V
 from mmfast.ops import reference as ref
-from mmfast.ops._custom import define_op
+from mmfast.ops._custom import define_op, eager_ok
 from mmfast.ops.reference._common import acc_dtype
 
 
@@ -64,6 +64,50 @@ _full_op = define_op(
     kernel_module="gaussian_terms", fake_out=_full_fake, outputs=3)
 
 
+class _BothTerms(torch.autograd.Function):
+    """The eager fast path of :func:`gaussian_terms` with both posteriors: the subset and full
+    ops' implementations under one autograd node, their registered backwards (the backward ops'
+    eager paths) in its backward. Against two nodes this saves the host a node and the
+    accumulation of the two contributions to mu_s's and logvar_s's gradients, which it adds
+    itself in the same order (``a + b``, as autograd's accumulation does). Values and gradients
+    are those of the two custom ops."""
+
+    @staticmethod
+    def forward(ctx, mu_s, logvar_s, eps_s, prior_logits, prior_mu, prior_logvar, mu_f,
+                logvar_f, eps_f, stl):
+        ctx.save_for_backward(mu_s, logvar_s, eps_s, prior_logits, prior_mu, prior_logvar, mu_f,
+                              logvar_f, eps_f)
+        ctx.stl = stl
+        return (*_subset_op.impl(mu_s, logvar_s, eps_s, prior_logits, prior_mu, prior_logvar, stl),
+                *_full_op.impl(mu_f, logvar_f, eps_f, mu_s, logvar_s, stl))
+
+    @staticmethod
+    def backward(ctx, grad_z_s, grad_q_s, grad_p_s, grad_z, grad_q_f, grad_q_fs):
+        mu_s, logvar_s, eps_s, prior_logits, prior_mu, prior_logvar, mu_f, logvar_f, eps_f = (
+            ctx.saved_tensors)
+        dmu_s, dlv_s, deps_s, *dprior = _subset_op.backward(
+            grad_z_s, grad_q_s, grad_p_s, mu_s, logvar_s, eps_s, prior_logits, prior_mu,
+            prior_logvar, ctx.stl)
+        dmu_f, dlv_f, deps_f, dmu_fs, dlv_fs = _full_op.backward(
+            grad_z, grad_q_f, grad_q_fs, mu_f, logvar_f, eps_f, mu_s, logvar_s, ctx.stl)
+        if prior_logits is None:
+            dprior = [None, None, None]
+        return (dmu_s + dmu_fs, dlv_s + dlv_fs, deps_s, *dprior, dmu_f, dlv_f, deps_f, None)
+
+
+def _both_terms(*args) -> tuple[Tensor, ...]:
+    """Both ops' six outputs for ``args`` = (subset op's tensors, mu_f, logvar_f, eps_f, stl):
+    through :class:`_BothTerms` in plain eager mode, else through the two custom ops."""
+    mu_s, logvar_s, eps_s, pl, pmu, plv, mu_f, logvar_f, eps_f, stl = args
+    if eager_ok(_subset_op.op, args):
+        if torch.is_grad_enabled():
+            return _BothTerms.apply(*args)
+        return (*_subset_op.impl(mu_s, logvar_s, eps_s, pl, pmu, plv, stl),
+                *_full_op.impl(mu_f, logvar_f, eps_f, mu_s, logvar_s, stl))
+    return (*_subset_op(mu_s, logvar_s, eps_s, pl, pmu, plv, stl),
+            *_full_op(mu_f, logvar_f, eps_f, mu_s, logvar_s, stl))
+
+
 def _check_pair(op: str, names: tuple[str, str], pair, expected_shape=None) -> tuple[Tensor, Tensor]:
     if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
         raise TypeError(f"{op}: {names[0][:-3]} must be a pair (mu, logvar) of tensors")
@@ -90,7 +134,10 @@ def gaussian_terms(posterior_s, eps_s: Tensor, posterior_full=None, eps_full: Te
             mixture prior (differentiable).
         stl: sticking the landing: log q(z_S|x_S) and log q(z|x) see detached parameters.
     Returns:
-        :class:`GaussianTerms`; log-densities in float32 (float64 for float64 inputs).
+        :class:`GaussianTerms`; log-densities in float32 (float64 for float64 inputs). In
+        eager mode with ``posterior_full`` the six outputs come from one autograd node, like
+        the outputs of any multi-output op: to differentiate some of them and then others,
+        pass ``retain_graph=True`` to the first ``backward``/``grad``.
     """
     op = "gaussian_terms"
     mu_s, logvar_s = _check_pair(op, ("posterior_s[0]", "posterior_s[1]"), posterior_s)
@@ -122,9 +169,8 @@ def gaussian_terms(posterior_s, eps_s: Tensor, posterior_full=None, eps_full: Te
         V.same_dtype(op, mu_s=mu_s, mu_full=mu_f, logvar_full=logvar_f, eps_full=eps_full)
         tensors.update(mu_full=mu_f, logvar_full=logvar_f, eps_full=eps_full)
     V.same_device(op, **tensors)
-    z_s, log_q_s, log_p_s = _subset_op(mu_s, logvar_s, eps_s, prior_logits, prior_mu,
-                                       prior_logvar, bool(stl))
     if posterior_full is None:
-        return GaussianTerms(z_s, log_q_s, log_p_s)
-    z, log_q_f, log_q_fs = _full_op(mu_f, logvar_f, eps_full, mu_s, logvar_s, bool(stl))
-    return GaussianTerms(z_s, log_q_s, log_p_s, z, log_q_f, log_q_fs)
+        return GaussianTerms(*_subset_op(mu_s, logvar_s, eps_s, prior_logits, prior_mu,
+                                         prior_logvar, bool(stl)))
+    return GaussianTerms(*_both_terms(mu_s, logvar_s, eps_s, prior_logits, prior_mu,
+                                      prior_logvar, mu_f, logvar_f, eps_full, bool(stl)))
