@@ -11,7 +11,7 @@ no-op. What remains is everything the host does per call except ``cuLaunchKernel
     python benchmarks/host_overhead.py [--calls 300] [--ops pool,terms]
 
 Prints the best of 7 rounds, in µs per call, for forward (grad enabled, as in training) and
-forward+backward (including the cotangents and ``torch.autograd.backward``, as the benchmark
+forward+backward (``torch.autograd.backward`` with cotangents made once, as the benchmark
 suite's ``forward+backward`` mode does), with the reference backend beside it for scale.
 """
 from __future__ import annotations
@@ -63,12 +63,18 @@ def cases(B: int = 8) -> dict:
     }
 
 
+def _differentiable(outs) -> list[torch.Tensor]:
+    return [o for o in (outs if isinstance(outs, tuple) else (outs,))
+            if isinstance(o, torch.Tensor) and o.requires_grad]
+
+
 def with_backward(forward):
+    """Forward and ``torch.autograd.backward``, with cotangents made once (as the benchmark
+    suite's ``forward+backward`` mode does)."""
+    cotangents = [torch.ones_like(o) for o in _differentiable(forward())]
+
     def run():
-        outs = forward()
-        outs = [o for o in (outs if isinstance(outs, tuple) else (outs,))
-                if isinstance(o, torch.Tensor) and o.requires_grad]
-        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        torch.autograd.backward(_differentiable(forward()), cotangents)
     return run
 
 
