@@ -137,8 +137,8 @@ def run_case(benchmark, fn: Callable, make_inputs: Callable[[], Sequence], mode:
     ``backward`` mode replays the backward of one forward graph (``retain_graph``), so no
     forward runs inside the timed region. The cotangents (ones) are made once, outside the
     timed region: in training they come from the rest of the graph, and making them per call
-    would add to every provider's time a fill of every output (0.7 ms on the H100 for the
-    2.1 GB pooled bank) or a launch per output. Each round's time is divided by its number of
+    would add to every provider's time a fill of every output (about 0.7 ms at the H100's copy
+    rate for the 2.1 GB pooled bank) or a launch per output. Each round's time is divided by its number of
     calls.
     """
     assert mode in MODES, mode
