@@ -66,3 +66,37 @@ def members_used(mask_ptr, row, first, last, offs_m, M, stride_kb, stride_ks, st
                               stride_km, MASK_ROW, BLOCK_M)
         used = tl.maximum(used, tl.max(member.to(tl.int32), axis=0))
     return used > 0
+
+
+@triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def subset_bits(mask_ptr, row, offs_s, S, M, stride_kb, stride_ks, stride_km,
+                MASK_ROW: tl.constexpr, BLOCK_M: tl.constexpr):
+    """int32 ``[CHUNK_S, 1, 1]`` (BLOCK_M <= 32): bit m set when modality m is in subset
+    ``offs_s`` (``[CHUNK_S, 1, 1]``) of ``row``; 0 past S.
+
+    For kernels whose tiles are ``[CHUNK_S, BLOCK_M, BLOCK_D]`` with a few adjacent features in
+    each thread's registers: the row's bytes (or words) are read along the last axis, the axis
+    a thread holds in registers, so each thread gets whole rows without a layout conversion.
+    With MASK_ROW >= 4 (:func:`mask_row`: every subset's M bytes one aligned block, M a power of
+    two) the row is read as 32-bit words and each word's four 0/1 bytes are gathered into four
+    bits by one multiply: byte k of w times 2^(24 - 7m) lands on bit 24 + k when m = k and
+    below bit 20 or past bit 31 otherwise, so ``(w · 0x01020408) >> 24`` is the nibble
+    b0 + 2·b1 + 4·b2 + 8·b3 (mask bytes are 0 or 1)."""
+    start = row * stride_kb + offs_s.to(tl.int64) * stride_ks
+    if MASK_ROW >= 4:
+        # Offsets counted in whole rows of BLOCK_M = M bytes (mask_row checked the strides are
+        # multiples of M), so the compiler knows each row's words are one aligned vector.
+        w = tl.arange(0, BLOCK_M // 4)[None, None, :]
+        words = mask_ptr.to(tl.pointer_type(tl.int32)) + (start // BLOCK_M) * (BLOCK_M // 4)
+        word = tl.load(words + w, mask=offs_s < S, other=0).to(tl.uint32, bitcast=True)
+        nibble = ((word * 0x01020408) >> 24).to(tl.int32, bitcast=True)
+        return tl.reduce(nibble << (4 * w), 2, _bit_or, keep_dims=True)
+    m = tl.arange(0, BLOCK_M)[None, None, :]
+    byte = tl.load(mask_ptr + start + m.to(tl.int64) * stride_km, mask=(offs_s < S) & (m < M),
+                   other=0)
+    return tl.reduce(tl.where(byte != 0, 1 << m, 0), 2, _bit_or, keep_dims=True)

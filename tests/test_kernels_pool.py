@@ -248,11 +248,13 @@ def gpu_tiles(monkeypatch):
 
 @pytest.mark.parametrize("shape", ["bank", "row"])
 def test_gpu_tile_configuration(gpu_tiles, shape):
-    """Forward: D = 1030 over five 256-wide feature blocks, each row's 9 subsets split over
-    five programs in chunks of two (the last part holds one), 50 programs. Backward: three
-    512-wide feature blocks, subsets reduced in chunks of two, 6 programs."""
-    assert gpu_tiles._forward_blocks(9, 5, 1030)[:3] == (8, 256, 2)
-    assert gpu_tiles._backward_blocks(9, 5, 1030)[:3] == (8, 512, 2)
+    """Forward: D = 1030 over three 512-wide feature blocks, each row's 9 subsets split over
+    five programs in chunks of two (the last part holds one), 30 programs. Backward: three
+    512-wide feature blocks, subsets reduced in chunks of two, 6 programs. Both read the
+    membership as bit sets (ROW_BITS), M = 5 byte by byte."""
+    assert gpu_tiles._forward_blocks(9, 5, 1030) == (8, 512, 2, 4)
+    assert gpu_tiles._backward_blocks(9, 5, 1030) == (8, 512, 2, 4)
+    assert gpu_tiles._row_bits(5, 8)
     B, M, D = 2, 5, 1030
     mask = random_mask(B, 9, M, seed=151)
     mask[0, 0] = False
@@ -269,6 +271,42 @@ def test_gpu_tile_configuration(gpu_tiles, shape):
     x_nan[:, 4] = float("nan")
     torch.testing.assert_close(gpu_tiles.launch_pool(x_nan, unused).to(F64),
                                brute_pool(x, unused), rtol=1e-5, atol=1e-5)
+
+@pytest.mark.parametrize("M,D,S", [(8, 300, 255), (8, 64, 255), (16, 40, 7), (3, 70, 7), (4, 9, 1)])
+def test_gpu_tiles_read_membership_rows_as_bits(gpu_tiles, M, D, S):
+    """The GPU tiles of the ROW_BITS kernels (M <= 16): aligned banks of M = 4, 8, 16 read as
+    32-bit words, M = 3 byte by byte; few features (D = 40, 64) put lanes along the chunk's
+    subsets (X_ROWS, ACC_ROWS = CHUNK_S), 300 features do not; NaN rows of modalities no subset of the row holds stay
+    out, and a NaN upstream gradient of one subset reaches only that subset's modalities."""
+    block_m, block_d, chunk_s, warps = gpu_tiles._backward_blocks(S, M, D)
+    assert gpu_tiles._row_bits(M, block_m)
+    assert (gpu_tiles._lane_rows(block_d, chunk_s, warps, 4) > 1) == (D <= 64 and S > 1)
+    B = 3
+    mask = (all_subsets_bank(M)[1:].flip(0)[:S] if M <= 8 else random_mask(S, M, seed=160)
+            ).expand(B, S, M)
+    if S == 1:
+        mask = mask[:, 0]
+    x = randn(B, M, D, seed=161, dtype=torch.float32)
+    check(x, mask, seed=162)
+    unused = mask.clone()
+    unused[..., M - 1] = False
+    x_nan = x.clone()
+    x_nan[:, M - 1] = float("nan")
+    torch.testing.assert_close(gpu_tiles.launch_pool(x_nan, unused).to(F64),
+                               brute_pool(x, unused), rtol=1e-5, atol=1e-5)
+    g = randn(*unused.shape[:-1], D, seed=163, dtype=torch.float32)
+    g_nan = g.clone()
+    if unused.dim() == 3:                    # row 0's first non-empty subset
+        k = int(unused[0].any(-1).nonzero()[0])
+        first = unused[0, k]
+        g_nan[0, k] = float("nan")
+    else:
+        first = unused[0]
+        g_nan[0] = float("nan")
+    grad = gpu_tiles.launch_pool_transpose(g_nan, unused, M, torch.float32)
+    assert first.any() and torch.isnan(grad[0, first]).all()
+    assert not torch.isnan(grad[0, ~first]).any() and not torch.isnan(grad[1:]).any()
+
 
 # --- GPU only -------------------------------------------------------------------------------
 
