@@ -69,7 +69,8 @@ def members_used(mask_ptr, row, first, last, offs_m, M, stride_kb, stride_ks, st
 
 
 @triton.jit
-def _bit_or(a, b):
+def bit_or(a, b):
+    """Combine function of ``tl.reduce`` for bit sets."""
     return a | b
 
 
@@ -95,8 +96,8 @@ def subset_bits(mask_ptr, row, offs_s, S, M, stride_kb, stride_ks, stride_km,
         words = mask_ptr.to(tl.pointer_type(tl.int32)) + (start // BLOCK_M) * (BLOCK_M // 4)
         word = tl.load(words + w, mask=offs_s < S, other=0).to(tl.uint32, bitcast=True)
         nibble = ((word * 0x01020408) >> 24).to(tl.int32, bitcast=True)
-        return tl.reduce(nibble << (4 * w), 2, _bit_or, keep_dims=True)
+        return tl.reduce(nibble << (4 * w), 2, bit_or, keep_dims=True)
     m = tl.arange(0, BLOCK_M)[None, None, :]
     byte = tl.load(mask_ptr + start + m.to(tl.int64) * stride_km, mask=(offs_s < S) & (m < M),
                    other=0)
-    return tl.reduce(tl.where(byte != 0, 1 << m, 0), 2, _bit_or, keep_dims=True)
+    return tl.reduce(tl.where(byte != 0, 1 << m, 0), 2, bit_or, keep_dims=True)

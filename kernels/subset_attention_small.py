@@ -53,17 +53,13 @@ import triton.language as tl
 from mmfast.backend import triton_interpreting
 from mmfast.kernels._common import next_power_of_2
 from mmfast.kernels._launch import fast_launch
+from mmfast.kernels._masks import bit_or
 
 # Keys and queries are held in registers per thread (keys × DI accumulators in the backward):
 # beyond 8 tokens the register budget forces narrower feature slices and the general kernel
 # (tl.dot, tokens padded to 16 anyway) is the better fit. MMFAST_ATTENTION_SMALL_M=0 sends every
 # M to the general kernel (read at import; for comparing the two on a GPU).
 SMALL_M = int(os.environ.get("MMFAST_ATTENTION_SMALL_M", "8"))
-
-
-@triton.jit
-def _or(a, b):
-    return a | b
 
 
 @triton.jit
@@ -86,10 +82,10 @@ def _subset_bits(mask_ptr, row, s5, last, M, stride_mb, stride_ms, stride_mm,
         words = mask_ptr.to(tl.pointer_type(tl.int32)) + (start // BLOCK_M) * (BLOCK_M // 4)
         word = tl.load(words + w5, mask=s5 < last, other=0).to(tl.uint32, bitcast=True)
         nibble = ((word * 0x01020408) >> 24).to(tl.int32, bitcast=True)
-        return tl.reduce(nibble << (4 * w5), 4, _or, keep_dims=True)
+        return tl.reduce(nibble << (4 * w5), 4, bit_or, keep_dims=True)
     m5 = tl.arange(0, BLOCK_M)[None, None, None, None, :]
     byte = tl.load(mask_ptr + start + m5 * stride_mm, mask=(s5 < last) & (m5 < M), other=0)
-    return tl.reduce(tl.where(byte != 0, 1 << m5, 0), 4, _or, keep_dims=True)
+    return tl.reduce(tl.where(byte != 0, 1 << m5, 0), 4, bit_or, keep_dims=True)
 
 
 @triton.jit
@@ -107,7 +103,7 @@ def _used_bits(mask_ptr, row, first, last, M, stride_mb, stride_ms, stride_mm,
     for s0 in range(first, last, CHUNK_S):
         bits = _subset_bits(mask_ptr, row, s0 + s5, last, M, stride_mb, stride_ms, stride_mm,
                             BLOCK_M, MASK_ROW)
-        used = used | tl.reduce(bits, 3, _or, keep_dims=True)
+        used = used | tl.reduce(bits, 3, bit_or, keep_dims=True)
     return used
 
 
