@@ -27,6 +27,10 @@ if [ -z "${SKIP_TESTS:-}" ]; then
     > "$RES/cuda_tests.log" 2>&1
   echo "cuda tests rc=$?"; tail -3 "$RES/cuda_tests.log"
 fi
+# Host time per call on this machine, for real (tiny shapes, kernels of a few µs), beside the
+# stubbed figures of benchmarks/results/cpu_host_overhead/.
+timeout 90 python3 benchmarks/host_overhead.py --cuda --calls 200 > "$RES/host_overhead_cuda.txt" 2>&1
+echo "host overhead rc=$?"; cat "$RES/host_overhead_cuda.txt"
 for suite in $suites; do
   t=$(left); [ "$t" -lt 30 ] && { echo "no time left for $suite"; continue; }
   timeout "$t" python3 -m pytest "benchmarks/test_bench_$suite.py" -q -p no:cacheprovider \

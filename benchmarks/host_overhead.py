@@ -8,7 +8,10 @@ mmfast's fast) launch path up to the launcher, whose call into the CUDA driver i
 no-op. What remains is everything the host does per call except ``cuLaunchKernel`` itself
 (a few µs per launch). Run from the repository root:
 
-    python benchmarks/host_overhead.py [--calls 300] [--ops pool,terms]
+    python benchmarks/host_overhead.py [--calls 300] [--ops pool,terms] [--cuda]
+
+With ``--cuda`` (on a GPU) nothing is stubbed: the same tiny calls run on CUDA tensors, back to
+back, and the time per call is the host's, launches and the CUDA caching allocator included.
 
 Prints the best of 7 rounds, in µs per call, for forward (grad enabled, as in training) and
 forward+backward (``torch.autograd.backward`` with cotangents made once, as the benchmark
@@ -39,16 +42,16 @@ def stub_launches() -> None:
     sm90.record_launches(lambda call: None)
 
 
-def cases(B: int = 8) -> dict:
+def cases(B: int = 8, device: str = "cpu") -> dict:
     """name -> thunk running the op forward on small leaf tensors (host cost does not depend on
     the shape)."""
     def leaf(*shape):
-        return torch.randn(shape).requires_grad_(True)
-    mask = torch.rand(B, 8) < 0.5
+        return torch.randn(shape, device=device).requires_grad_(True)
+    mask = torch.rand(B, 8, device=device) < 0.5
     x, mu, logvar = leaf(B, 8, 16), leaf(B, 8, 16), leaf(B, 8, 16)
-    data = torch.rand(B, 784)
+    data = torch.rand(B, 784, device=device)
     bern, loc, log_scale = leaf(1, B, 784), leaf(1, B, 784), leaf(784)
-    cat, target = leaf(1, B, 8, 71), torch.randint(71, (B, 8))
+    cat, target = leaf(1, B, 8, 71), torch.randint(71, (B, 8), device=device)
     q = leaf(B, 8, 32)
     post_s, post_f = (leaf(B, 20), leaf(B, 20)), (leaf(B, 20), leaf(B, 20))
     eps_s, eps_f = leaf(1, B, 20), leaf(1, B, 20)
@@ -78,14 +81,18 @@ def with_backward(forward):
     return run
 
 
-def best_us(fn, calls: int, rounds: int = 7) -> float:
+def best_us(fn, calls: int, rounds: int = 7, sync=lambda: None) -> float:
+    """Best over ``rounds`` of the mean time of ``calls`` back-to-back calls, each round
+    ending with ``sync()``, in µs."""
     for _ in range(max(3, calls // 10)):
         fn()
+    sync()
     best = float("inf")
     for _ in range(rounds):
         start = time.perf_counter()
         for _ in range(calls):
             fn()
+        sync()
         best = min(best, (time.perf_counter() - start) / calls)
     return best * 1e6
 
@@ -94,19 +101,29 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=300, help="calls per timed round")
     parser.add_argument("--ops", default="", help="comma-separated substrings of op names")
+    parser.add_argument("--cuda", action="store_true",
+                        help="on a GPU, for real: the same tiny calls on CUDA tensors, launched "
+                             "back to back with one synchronisation a round; the kernels take "
+                             "a few µs, so the time per call is the host's (checks the stubbed "
+                             "figures)")
     args = parser.parse_args(argv)
-    stub_launches()
+    if args.cuda:
+        device, sync, what = "cuda", torch.cuda.synchronize, f"on {torch.cuda.get_device_name()}"
+    else:
+        stub_launches()
+        device, sync, what = "cpu", lambda: None, "launches stubbed"
     wanted = [w for w in args.ops.split(",") if w]
-    print(f"host µs per call, launches stubbed (torch {torch.__version__}, "
+    print(f"host µs per call, {what} (torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs); best of 7 rounds of {args.calls} calls")
     print(f"{'op':<26}{'triton fwd':>12}{'triton f+b':>12}{'reference fwd':>15}{'reference f+b':>15}")
-    for name, forward in cases().items():
+    for name, forward in cases(device=device).items():
         if wanted and not any(w in name for w in wanted):
             continue
         row = []
         for backend in ("triton", "reference"):
             with mmfast.use_backend(backend):
-                row += [best_us(forward, args.calls), best_us(with_backward(forward), args.calls)]
+                row += [best_us(forward, args.calls, sync=sync),
+                        best_us(with_backward(forward), args.calls, sync=sync)]
         print(f"{name:<26}" + "".join(f"{v:>12.1f}" for v in row[:2])
               + "".join(f"{v:>15.1f}" for v in row[2:]), flush=True)
     return 0
