@@ -87,9 +87,12 @@ def subset_bits(mask_ptr, row, offs_s, S, M, stride_kb, stride_ks, stride_km,
     two) the row is read as 32-bit words and each word's four 0/1 bytes are gathered into four
     bits by one multiply: byte k of w times 2^(24 - 7m) lands on bit 24 + k when m = k and
     below bit 20 or past bit 31 otherwise, so ``(w · 0x01020408) >> 24`` is the nibble
-    b0 + 2·b1 + 4·b2 + 8·b3 (mask bytes are 0 or 1)."""
+    b0 + 2·b1 + 4·b2 + 8·b3. That needs bytes of 0 or 1, which is what PyTorch's bool holds
+    (a bool tensor viewed from other bytes is outside its contract); the byte path tests
+    ``!= 0``. Words are read only when MASK_ROW == BLOCK_M, so that each row starts on a
+    multiple of BLOCK_M bytes (mask_row aligns to at most 16)."""
     start = row * stride_kb + offs_s.to(tl.int64) * stride_ks
-    if MASK_ROW >= 4:
+    if MASK_ROW >= 4 and MASK_ROW == BLOCK_M:
         # Offsets counted in whole rows of BLOCK_M = M bytes (mask_row checked the strides are
         # multiples of M), so the compiler knows each row's words are one aligned vector.
         w = tl.arange(0, BLOCK_M // 4)[None, None, :]

@@ -60,6 +60,8 @@ from mmfast.kernels._masks import bit_or
 # (tl.dot, tokens padded to 16 anyway) is the better fit. MMFAST_ATTENTION_SMALL_M=0 sends every
 # M to the general kernel (read at import; for comparing the two on a GPU).
 SMALL_M = int(os.environ.get("MMFAST_ATTENTION_SMALL_M", "8"))
+if not 0 <= SMALL_M <= 32:     # token sets are int32 bit sets
+    raise ValueError(f"MMFAST_ATTENTION_SMALL_M must be between 0 and 32, got {SMALL_M}")
 
 
 @triton.jit
@@ -75,7 +77,7 @@ def _subset_bits(mask_ptr, row, s5, last, M, stride_mb, stride_ms, stride_mm,
     ``(w · 0x01020408) >> 24`` is the nibble b0 + 2·b1 + 4·b2 + 8·b3. Byte by byte, the same
     decoding took four times the instructions (sm_90 PTX, Triton 3.6)."""
     start = row * stride_mb + s5.to(tl.int64) * stride_ms
-    if MASK_ROW >= 4:
+    if MASK_ROW >= 4 and MASK_ROW == BLOCK_M:      # rows start on multiples of BLOCK_M bytes
         # Offsets counted in whole rows of BLOCK_M = M bytes (mask_row checked the strides are
         # multiples of it), so the compiler knows each row's words are one aligned vector.
         w5 = tl.arange(0, BLOCK_M // 4)[None, None, None, None, :]

@@ -169,6 +169,10 @@ def _pool_backward_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid_m[:, None] & valid_d[None, :])
 
 
+# The forward splits a row's subsets over programs until there are about this many (on the GPU).
+PROGRAMS = 4096
+
+
 def _tile_budget() -> int:
     """Elements one program may hold: a register budget on the GPU; in the interpreter, where
     every program costs milliseconds, big tiles mean few programs."""
@@ -188,23 +192,25 @@ def _lane_rows(block_d: int, chunk_s: int, warps: int, itemsize: int) -> int:
     return 1 if block_d * itemsize >= 16 * 32 * warps else chunk_s
 
 
-def _gpu_blocks(S: int, block_m: int, D: int) -> tuple[int, int, int]:
+def _gpu_blocks(S: int, block_m: int, D: int, itemsize: int) -> tuple[int, int, int]:
     """BLOCK_D, CHUNK_S, num_warps on the GPU for ROW_BITS tiles ``[CHUNK_S, BLOCK_M,
-    BLOCK_D]``: 4 adjacent features a thread (one 16-byte vector in float32), lanes and up to 4
-    warps along the features, up to 64 tile elements a thread."""
+    BLOCK_D]``: one 16-byte vector of adjacent features a thread (4 in float32, 8 in 16-bit
+    types), lanes and up to 4 warps along the features, up to 64 tile elements a thread. Warps
+    the features cannot fill would go along the subsets, and the sums over modalities of 16-bit
+    inputs then went through shared memory in every iteration (sm_90, Triton 3.9)."""
     block_d = min(next_power_of_2(D), 512)
-    warps = max(1, min(4, block_d // 128))
+    warps = max(1, min(4, block_d * itemsize // 512))
     chunk_s = min(next_power_of_2(max(S, 1)), max(1, 2048 * warps // (block_m * block_d)))
     return block_d, chunk_s, warps
 
 
-def _forward_blocks(S: int, M: int, D: int) -> tuple[int, int, int, int]:
+def _forward_blocks(S: int, M: int, D: int, itemsize: int = 4) -> tuple[int, int, int, int]:
     """BLOCK_M, BLOCK_D, CHUNK_S, num_warps: the x tile ``[BLOCK_M, BLOCK_D]`` a program
     holds, and the ``[CHUNK_S, BLOCK_M, BLOCK_D]`` selection of a chunk within the budget."""
     budget = _tile_budget()
     block_m = next_power_of_2(max(M, 1))
     if _row_bits(M, block_m) and not triton_interpreting():
-        return (block_m, *_gpu_blocks(S, block_m, D))
+        return (block_m, *_gpu_blocks(S, block_m, D, itemsize))
     block_d = min(next_power_of_2(D), 4096 if triton_interpreting() else 256,
                   max(16, budget // block_m))
     chunk_s = min(next_power_of_2(max(S, 1)), max(1, budget // (block_m * block_d)))
@@ -212,11 +218,11 @@ def _forward_blocks(S: int, M: int, D: int) -> tuple[int, int, int, int]:
     return block_m, block_d, chunk_s, warps
 
 
-def _backward_blocks(S: int, M: int, D: int) -> tuple[int, int, int, int]:
+def _backward_blocks(S: int, M: int, D: int, itemsize: int = 4) -> tuple[int, int, int, int]:
     budget = _tile_budget()
     block_m = min(next_power_of_2(M), 64)
     if _row_bits(M, block_m) and not triton_interpreting():
-        return (block_m, *_gpu_blocks(S, block_m, D))
+        return (block_m, *_gpu_blocks(S, block_m, D, itemsize))
     block_d = min(next_power_of_2(D), 4096 if triton_interpreting() else 512,
                   max(16, budget // block_m))
     # The [CHUNK_S, BLOCK_M, BLOCK_D] product of a chunk stays within twice the tile budget.
@@ -241,11 +247,12 @@ def launch_pool(x: torch.Tensor, mask: torch.Tensor,
     out = torch.empty((*mask.shape[:-1], D), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_m, block_d, chunk_s, warps = _forward_blocks(S, M, D)
+    block_m, block_d, chunk_s, warps = _forward_blocks(S, M, D, x.element_size())
+    row_bits = _row_bits(M, block_m)
     d_blocks = cdiv(D, block_d)
     chunks = cdiv(S, chunk_s)
     # On the GPU, split a row's subsets over programs when rows alone would leave SMs idle.
-    splits = 1 if triton_interpreting() else max(1, min(chunks, cdiv(4096, B * d_blocks)))
+    splits = 1 if triton_interpreting() else max(1, min(chunks, cdiv(PROGRAMS, B * d_blocks)))
     per_program = cdiv(chunks, splits) * chunk_s
     splits = cdiv(S, per_program)
     has_bias = bias is not None
@@ -258,7 +265,8 @@ def launch_pool(x: torch.Tensor, mask: torch.Tensor,
         HAS_BIAS=has_bias, ACC_DTYPE=acc_dtype(x.dtype),
         BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s,
         MASK_ROW=mask_row(mask_bytes, M, block_m, (skb, sks, skm)),
-        ROW_BITS=_row_bits(M, block_m), X_ROWS=_lane_rows(block_d, chunk_s, warps, x.element_size()),
+        ROW_BITS=row_bits,
+        X_ROWS=_lane_rows(block_d, chunk_s, warps, x.element_size()) if row_bits else 1,
         num_warps=warps,
     )
     return out
@@ -287,7 +295,8 @@ def launch_pool_transpose(grad_out: torch.Tensor, mask: torch.Tensor, num_modali
         sgb, sgs, sgd = grad_out.stride(0), 0, grad_out.stride(1)
     else:
         sgb, sgs, sgd = grad_out.stride()
-    block_m, block_d, chunk_s, warps = _backward_blocks(S, M, D)
+    block_m, block_d, chunk_s, warps = _backward_blocks(S, M, D, grad_out.element_size())
+    row_bits = _row_bits(M, block_m)
     grid = (B, cdiv(M, block_m), cdiv(D, block_d))
     _pool_backward_kernel[grid](
         grad_out, mask_bytes, out,
@@ -298,9 +307,9 @@ def launch_pool_transpose(grad_out: torch.Tensor, mask: torch.Tensor, num_modali
         ACC_DTYPE=acc_dtype(dtype),
         BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s,
         MASK_ROW=mask_row(mask_bytes, M, block_m, (skb, sks, skm)),
-        ROW_BITS=_row_bits(M, block_m),
-        ACC_ROWS=_lane_rows(block_d, chunk_s, warps, grad_out.element_size())
-        if _row_bits(M, block_m) else 1, num_warps=warps,
+        ROW_BITS=row_bits,
+        ACC_ROWS=_lane_rows(block_d, chunk_s, warps, grad_out.element_size()) if row_bits else 1,
+        num_warps=warps,
     )
     return out
 

@@ -114,16 +114,22 @@ def _cases(dtypes=tuple(DTYPES.values())):
     cases = []
     for dtype in dtypes:
         t = str(dtype).removeprefix("torch.")
-        for M, D, masks in ((8, 512, "per-sample"), (8, 64, "bank"), (64, 4096, "per-sample"),
-                            (3, 17, "bank")):
-            def pool(M=M, D=D, masks=masks, dtype=dtype):
+        # Pool only: M = 4 and 16 read one and four membership words a row; M = 1, D = 1 makes
+        # the smallest tiles.
+        for M, D, masks, poe in ((8, 512, "per-sample", True), (8, 64, "bank", True),
+                                 (64, 4096, "per-sample", True), (3, 17, "bank", True),
+                                 (4, 40, "bank", False), (16, 96, "per-sample", False),
+                                 (1, 1, "per-sample", False)):
+            def pool(M=M, D=D, masks=masks, dtype=dtype, poe=poe):
                 mask = bank(4, M) if masks == "bank" else per_sample(4, M)
                 x = leaf(4, M, D, dtype=dtype)
                 backward(ops.subset_sum_pool(x, mask))
+                if not poe:
+                    return
                 mu, logvar = leaf(4, M, D, dtype=dtype), leaf(4, M, D, dtype=dtype)
                 for prior in (True, False, (leaf(D, dtype=dtype), leaf(D, dtype=dtype))):
                     backward(*ops.gaussian_poe(mu, logvar, mask, prior=prior))
-            cases.append((f"pool+poe {t} M={M} D={D} {masks}", pool))
+            cases.append((f"{'pool+poe' if poe else 'pool'} {t} M={M} D={D} {masks}", pool))
 
         def pool_linear(dtype=dtype):
             for mask in (bank(4, 8), per_sample(4, 8)):

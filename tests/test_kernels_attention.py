@@ -267,6 +267,33 @@ def test_small_kernel_reads_membership_words_only_when_rows_are_aligned():
     check(q4, k4, v4, random_mask(B, 6, 4, seed=136), H, seed=137)
 
 
+def test_small_kernel_with_32_tokens_reads_rows_aligned_to_16_bytes_as_bytes(monkeypatch):
+    """MMFAST_ATTENTION_SMALL_M may reach 32: a 32-token mask whose rows are 16-byte aligned but
+    not 32-byte aligned (mask_row gives 16) must be read byte by byte, not as words counted in
+    32-byte rows."""
+    from mmfast.kernels._masks import mask_layout, mask_row
+    kernel = kernel_module()
+    monkeypatch.setattr(kernel, "SMALL_M", 32)
+    B, M, E, H = 2, 32, 4, 1
+    q, k, v = (randn(B, M, E, seed=181 + i) for i in range(3))
+    mask = random_mask(B * 3, 48, seed=184).view(B, 3, 48)[:, :, :M]
+    mask_bytes, _, strides = mask_layout(mask)
+    assert mask_row(mask_bytes, M, M, strides) == 16
+    check(q, k, v, mask, H, seed=185)
+
+
+def test_small_m_setting_out_of_range_is_refused_at_import():
+    """Token sets are int32 bit sets: MMFAST_ATTENTION_SMALL_M above 32 is a clear error."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, MMFAST_ATTENTION_SMALL_M="64")
+    proc = subprocess.run([sys.executable, "-c", "import mmfast.kernels.subset_attention_small"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "MMFAST_ATTENTION_SMALL_M must be between 0 and 32, got 64" in proc.stderr
+
+
 @pytest.mark.parametrize("kind", ["row", "bank", "row_bank"])
 def test_small_and_general_kernels_agree(monkeypatch, kind):
     """Up to SMALL_M tokens, the small kernel and the general one compute the same forward,

@@ -272,29 +272,56 @@ def test_gpu_tile_configuration(gpu_tiles, shape):
     torch.testing.assert_close(gpu_tiles.launch_pool(x_nan, unused).to(F64),
                                brute_pool(x, unused), rtol=1e-5, atol=1e-5)
 
-@pytest.mark.parametrize("M,D,S", [(8, 300, 255), (8, 64, 255), (16, 40, 7), (3, 70, 7), (4, 9, 1)])
-def test_gpu_tiles_read_membership_rows_as_bits(gpu_tiles, M, D, S):
-    """The GPU tiles of the ROW_BITS kernels (M <= 16): aligned banks of M = 4, 8, 16 read as
-    32-bit words, M = 3 byte by byte; few features (D = 40, 64) put lanes along the chunk's
-    subsets (X_ROWS, ACC_ROWS = CHUNK_S), 300 features do not; NaN rows of modalities no subset of the row holds stay
-    out, and a NaN upstream gradient of one subset reaches only that subset's modalities."""
-    block_m, block_d, chunk_s, warps = gpu_tiles._backward_blocks(S, M, D)
+# (M, D, S, dtype, mask rows read as 32-bit words, lanes along the chunk's subsets)
+ROW_BITS_CASES = [
+    (8, 300, 255, torch.float32, True, False),
+    (8, 64, 255, torch.float32, True, True),
+    (8, 512, 9, torch.bfloat16, True, False),     # 8 features a thread, 2 warps
+    (8, 64, 9, torch.float64, True, False),
+    (16, 40, 7, torch.float32, True, True),
+    (4, 9, 1, torch.float32, True, False),
+    (3, 70, 7, torch.float16, False, True),
+    (2, 3, 3, torch.float32, False, True),
+    (1, 1, 2, torch.float32, False, True),
+]
+
+
+@pytest.mark.parametrize("M,D,S,dtype,words,lanes_on_subsets", ROW_BITS_CASES)
+def test_gpu_tiles_read_membership_rows_as_bits(gpu_tiles, M, D, S, dtype, words,
+                                                 lanes_on_subsets):
+    """The GPU tiles of the ROW_BITS kernels (M <= 16), forward with a bias and backward:
+    aligned rows of M = 4, 8, 16 read as 32-bit words, other M byte by byte; few features put
+    lanes along the chunk's subsets (X_ROWS, ACC_ROWS = CHUNK_S). NaN rows of modalities no
+    subset of the row holds stay out, and a NaN upstream gradient of one subset reaches only
+    that subset's modalities."""
+    from mmfast.kernels import _masks
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    block_m, block_d, chunk_s, warps = gpu_tiles._backward_blocks(S, M, D, itemsize)
     assert gpu_tiles._row_bits(M, block_m)
-    assert (gpu_tiles._lane_rows(block_d, chunk_s, warps, 4) > 1) == (D <= 64 and S > 1)
+    assert (gpu_tiles._lane_rows(block_d, chunk_s, warps, itemsize) > 1) == lanes_on_subsets
     B = 3
     mask = (all_subsets_bank(M)[1:].flip(0)[:S] if M <= 8 else random_mask(S, M, seed=160)
             ).expand(B, S, M)
     if S == 1:
         mask = mask[:, 0]
-    x = randn(B, M, D, seed=161, dtype=torch.float32)
+    layout = _masks.mask_layout(mask)
+    mask_row = _masks.mask_row(layout[0], M, block_m, layout[2])
+    assert (mask_row >= 4 and mask_row == block_m) == words
+    x = randn(B, M, D, seed=161, dtype=dtype)
     check(x, mask, seed=162)
+    rtol, atol = TOL[dtype]
+    bias = randn(D, seed=164, dtype=dtype)
+    torch.testing.assert_close(gpu_tiles.launch_pool(x, mask, bias).to(F64),
+                               brute_pool(x, mask) + bias.to(F64), rtol=rtol, atol=4 * atol)
     unused = mask.clone()
     unused[..., M - 1] = False
     x_nan = x.clone()
     x_nan[:, M - 1] = float("nan")
     torch.testing.assert_close(gpu_tiles.launch_pool(x_nan, unused).to(F64),
-                               brute_pool(x, unused), rtol=1e-5, atol=1e-5)
-    g = randn(*unused.shape[:-1], D, seed=163, dtype=torch.float32)
+                               brute_pool(x, unused), rtol=rtol, atol=4 * atol)
+    if M == 1:
+        return                   # no modality is left to receive a gradient
+    g = randn(*unused.shape[:-1], D, seed=163, dtype=dtype)
     g_nan = g.clone()
     if unused.dim() == 3:                    # row 0's first non-empty subset
         k = int(unused[0].any(-1).nonzero()[0])
@@ -303,9 +330,28 @@ def test_gpu_tiles_read_membership_rows_as_bits(gpu_tiles, M, D, S):
     else:
         first = unused[0]
         g_nan[0] = float("nan")
-    grad = gpu_tiles.launch_pool_transpose(g_nan, unused, M, torch.float32)
+    grad = gpu_tiles.launch_pool_transpose(g_nan, unused, M, dtype)
     assert first.any() and torch.isnan(grad[0, first]).all()
     assert not torch.isnan(grad[0, ~first]).any() and not torch.isnan(grad[1:]).any()
+
+
+def test_gpu_tiles_several_chunks_a_program(gpu_tiles, monkeypatch):
+    """With fewer programs wanted than chunks (PROGRAMS), each forward program sweeps several
+    chunks of its row's subsets; a row's programs split the 255-subset bank between them."""
+    monkeypatch.setattr(gpu_tiles, "PROGRAMS", 64)
+    B, M, D = 3, 8, 40
+    _, block_d, chunk_s, _ = gpu_tiles._forward_blocks(255, M, D)
+    chunks = -(-255 // chunk_s)
+    splits = max(1, min(chunks, -(-64 // (B * -(-D // block_d)))))
+    assert -(-chunks // splits) > 1                     # several chunks a program
+    mask = all_subsets_bank(M)[1:].expand(B, 255, M)
+    x = randn(B, M, D, seed=171, dtype=torch.float32)
+    x_nan = x.clone()
+    x_nan[1, 3] = float("nan")
+    unused = mask.clone()
+    unused[1, :, 3] = False
+    torch.testing.assert_close(gpu_tiles.launch_pool(x_nan, unused).to(F64), brute_pool(x, unused),
+                               rtol=1e-5, atol=1e-5)
 
 
 # --- GPU only -------------------------------------------------------------------------------
