@@ -138,8 +138,8 @@ def run_case(benchmark, fn: Callable, make_inputs: Callable[[], Sequence], mode:
     forward runs inside the timed region. The cotangents (ones) are made once, outside the
     timed region: in training they come from the rest of the graph, and making them per call
     would add to every provider's time a fill of every output (about 0.7 ms at the H100's copy
-    rate for the 2.1 GB pooled bank) or a launch per output. Each round's time is divided by its number of
-    calls.
+    rate for the 2.1 GB pooled bank) or a launch per output. Each round's time is divided by its
+    number of calls.
     """
     assert mode in MODES, mode
     inputs = make_inputs()
@@ -153,17 +153,17 @@ def run_case(benchmark, fn: Callable, make_inputs: Callable[[], Sequence], mode:
         def call():
             with torch.no_grad() if not grad_inputs else torch.enable_grad():
                 fn(*inputs)
-    elif mode == "backward":
+    else:
         outs = differentiable(fn(*inputs))
         cots = [torch.ones_like(o) for o in outs]
+        if mode == "backward":
+            def call():
+                torch.autograd.grad(outs, grad_inputs, cots, retain_graph=True)
+        else:
+            del outs                 # only its cotangents' shapes were wanted
 
-        def call():
-            torch.autograd.grad(outs, grad_inputs, cots, retain_graph=True)
-    else:
-        cots = [torch.ones_like(o) for o in differentiable(fn(*inputs))]
-
-        def call():
-            torch.autograd.grad(differentiable(fn(*inputs)), grad_inputs, cots)
+            def call():
+                torch.autograd.grad(differentiable(fn(*inputs)), grad_inputs, cots)
 
     calls = _calls_per_round(call)
     count = [0]

@@ -470,7 +470,8 @@ def gaussian_log_prob_backward(grad, z: torch.Tensor, mu: torch.Tensor, logvar: 
     """
     K, D = z.shape[0], z.shape[-1]
     if grad is None or grad.numel() == 0 or D == 0:
-        return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (z, mu, logvar))
+        return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format)
+                     for t in (z, mu, logvar))
     layout = _gaussian_canonical(z, mu, logvar, grad)
     if layout is None:
         grad = grad.contiguous()
@@ -564,7 +565,8 @@ def mixture_log_prob_backward(grad, z: torch.Tensor, logits: torch.Tensor, mu: t
     Args: grad ``[K, *batch]`` (any strides) or None, then the forward's inputs.
     Returns: ``(dz, dlogits, dmu, dlogvar)``, contiguous, in the inputs' shapes and dtypes.
     """
-    zeros = [torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (z, logits, mu, logvar)]
+    zeros = [torch.zeros_like(t, memory_format=torch.contiguous_format)
+             for t in (z, logits, mu, logvar)]
     # Without latent dimensions every responsibility equals its weight: ∂logits = g (π − π) = 0.
     if grad is None or grad.numel() == 0 or z.shape[-1] == 0 or logits.shape[0] == 0:
         return tuple(zeros)

@@ -87,9 +87,10 @@ def _pool_forward_kernel(
               + offs_d.to(tl.int64)[None, :] * stride_xd)
     keep_x = needed[:, None] & valid_d[None, :]
     if ROW_BITS:
-        # Loaded as [X_ROWS, BLOCK_M, BLOCK_D], the shape of the per-chunk selection: Triton lays the selection out as it coalesces this load,
-        # with a few adjacent features and every modality in each thread's registers, and lanes
-        # and warps along the features (then the subsets). A thread then decodes a subset's
+        # Loaded as [X_ROWS, BLOCK_M, BLOCK_D], the shape of the per-chunk selection: Triton
+        # lays the selection out as it coalesces this load, with a few adjacent features and
+        # every modality in each thread's registers, and lanes and warps along the features
+        # (then the subsets). A thread then decodes a subset's
         # membership once for its features, sums over modalities in registers and stores its
         # features as one vector. With the tile loaded as [BLOCK_M, BLOCK_D], the selection got
         # a default layout of one feature a thread (sm_90 PTX, Triton 3.6, M = 8, D = 512: 8

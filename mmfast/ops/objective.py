@@ -78,8 +78,8 @@ class _BothTerms(torch.autograd.Function):
         ctx.save_for_backward(mu_s, logvar_s, eps_s, prior_logits, prior_mu, prior_logvar, mu_f,
                               logvar_f, eps_f)
         ctx.stl = stl
-        return (*_subset_op.impl(mu_s, logvar_s, eps_s, prior_logits, prior_mu, prior_logvar, stl),
-                *_full_op.impl(mu_f, logvar_f, eps_f, mu_s, logvar_s, stl))
+        return _both_impls(mu_s, logvar_s, eps_s, prior_logits, prior_mu, prior_logvar, mu_f,
+                           logvar_f, eps_f, stl)
 
     @staticmethod
     def backward(ctx, grad_z_s, grad_q_s, grad_p_s, grad_z, grad_q_f, grad_q_fs):
@@ -95,17 +95,23 @@ class _BothTerms(torch.autograd.Function):
         return (dmu_s + dmu_fs, dlv_s + dlv_fs, deps_s, *dprior, dmu_f, dlv_f, deps_f, None)
 
 
+def _both(subset, full, mu_s, logvar_s, eps_s, pl, pmu, plv, mu_f, logvar_f, eps_f, stl):
+    """The six outputs of ``subset`` and ``full`` (the two ops, or their implementations)."""
+    return (*subset(mu_s, logvar_s, eps_s, pl, pmu, plv, stl),
+            *full(mu_f, logvar_f, eps_f, mu_s, logvar_s, stl))
+
+
+def _both_impls(*args) -> tuple[Tensor, ...]:
+    return _both(_subset_op.impl, _full_op.impl, *args)
+
+
 def _both_terms(*args) -> tuple[Tensor, ...]:
     """Both ops' six outputs for ``args`` = (subset op's tensors, mu_f, logvar_f, eps_f, stl):
-    through :class:`_BothTerms` in plain eager mode, else through the two custom ops."""
-    mu_s, logvar_s, eps_s, pl, pmu, plv, mu_f, logvar_f, eps_f, stl = args
+    in plain eager mode through :class:`_BothTerms` (the implementations alone without grad
+    mode), else through the two custom ops."""
     if eager_ok(_subset_op.op, args):
-        if torch.is_grad_enabled():
-            return _BothTerms.apply(*args)
-        return (*_subset_op.impl(mu_s, logvar_s, eps_s, pl, pmu, plv, stl),
-                *_full_op.impl(mu_f, logvar_f, eps_f, mu_s, logvar_s, stl))
-    return (*_subset_op(mu_s, logvar_s, eps_s, pl, pmu, plv, stl),
-            *_full_op(mu_f, logvar_f, eps_f, mu_s, logvar_s, stl))
+        return _BothTerms.apply(*args) if torch.is_grad_enabled() else _both_impls(*args)
+    return _both(_subset_op, _full_op, *args)
 
 
 def _check_pair(op: str, names: tuple[str, str], pair, expected_shape=None) -> tuple[Tensor, Tensor]:
