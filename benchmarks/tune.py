@@ -92,8 +92,11 @@ def poe_cases(small: bool):
     mu, lv = _randn(B, M, D), _randn(B, M, D, scale=0.5)
     gm, gv = _randn(B, mask.shape[1], D), _randn(B, mask.shape[1], D)
     out_mu, out_lv = poe.gaussian_poe_forward(mu, lv, mask, None, None)
-    configs = [None, (8, 64, 8, 4), (8, 128, 2, 4), (8, 128, 8, 8), (8, 256, 2, 8),
-               (8, 64, 4, 2)]
+    # The shipped tiles are (8, 512, 1, 4) both ways (ROW_BITS: one 16-byte vector of features
+    # a thread, one subset a chunk). Alternatives: two subsets a chunk, fewer features a
+    # program (fewer warps), and lanes along the subsets (128 features, 1 or 4 warps).
+    configs = [None, (8, 512, 2, 4), (8, 256, 1, 2), (8, 256, 2, 2), (8, 128, 1, 1),
+               (8, 128, 4, 4)]
     shape = "bank B=%d M=%d S=%d d=%d" % (B, M, mask.shape[1], D)
     yield ("gaussian_poe forward, " + shape, "_blocks (BLOCK_M, BLOCK_D, CHUNK_S, warps)", poe,
            "_blocks", configs, lambda: poe.gaussian_poe_forward(mu, lv, mask, None, None))

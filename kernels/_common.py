@@ -56,3 +56,12 @@ def element_budget() -> int:
 
 def num_warps(tile: int) -> int:
     return 8 if tile >= 4096 else 4 if tile >= 1024 else 2 if tile >= 256 else 1
+
+
+def lane_rows(block_d: int, chunk_s: int, warps: int, itemsize: int) -> int:
+    """X_ROWS (ACC_ROWS) of the ``[CHUNK_S, BLOCK_M, BLOCK_D]`` register-layout kernels (pool,
+    PoE): 1 when 16-byte vectors of the features fill every lane and warp, else CHUNK_S: the
+    kernels then hold their ``[BLOCK_M, BLOCK_D]`` tiles (and sums) as ``[CHUNK_S, BLOCK_M,
+    BLOCK_D]``, so that the lanes the features leave run along the chunk's subsets, not the
+    modalities."""
+    return 1 if block_d * itemsize >= 16 * 32 * warps else chunk_s

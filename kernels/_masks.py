@@ -36,6 +36,11 @@ def mask_row(mask_bytes: torch.Tensor, M: int, block_m: int, strides: tuple[int,
     return align if all(v % align == 0 for v in (skb, sks, mask_bytes.data_ptr())) else 1
 
 
+# Membership bytes a step of :func:`members_used` reads in kernels with small chunks: with
+# BLOCK_M modalities, USED_BYTES // BLOCK_M subsets a step (8 bytes a thread at 4 warps).
+USED_BYTES = tl.constexpr(1024)
+
+
 @triton.jit
 def load_members(mask_ptr, row, offs_s, S, offs_m, M, stride_kb, stride_ks, stride_km,
                  MASK_ROW: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -58,14 +63,17 @@ def members_used(mask_ptr, row, first, last, offs_m, M, stride_kb, stride_ks, st
                  MASK_ROW: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK_S: tl.constexpr):
     """bool ``[BLOCK_M]``: the modalities offs_m that at least one of the subsets
     ``first <= s < last`` of ``row`` holds, from ``[CHUNK_S, BLOCK_M]`` mask tiles. Only their
-    rows of the features need be read (a missing modality's, possibly NaN, never are)."""
+    rows of the features need be read (a missing modality's, possibly NaN, never are). The
+    tiles are combined element-wise and reduced over the subsets once, after the loop; callers
+    whose own chunks are small pass a larger CHUNK_S here (a few hundred membership bytes a
+    step), so that this pass costs little beside the kernel's own loop."""
     chunk = tl.arange(0, CHUNK_S)
-    used = tl.zeros(offs_m.shape, dtype=tl.int32)
+    used = tl.zeros((CHUNK_S, BLOCK_M), dtype=tl.int32)
     for s0 in range(first, last, CHUNK_S):
         member = load_members(mask_ptr, row, s0 + chunk, last, offs_m, M, stride_kb, stride_ks,
                               stride_km, MASK_ROW, BLOCK_M)
-        used = tl.maximum(used, tl.max(member.to(tl.int32), axis=0))
-    return used > 0
+        used = tl.maximum(used, member.to(tl.int32))
+    return tl.max(used, axis=0) > 0
 
 
 @triton.jit
@@ -104,3 +112,32 @@ def subset_bits(mask_ptr, row, offs_s, S, M, stride_kb, stride_ks, stride_km,
     byte = tl.load(mask_ptr + start + m.to(tl.int64) * stride_km, mask=(offs_s < S) & (m < M),
                    other=0)
     return tl.reduce(tl.where(byte != 0, 1 << m, 0), 2, bit_or, keep_dims=True)
+
+
+@triton.jit
+def chunk_flags(mask_ptr, row, offs_s, S, offs_m, M, stride_kb, stride_ks, stride_km,
+                MASK_ROW: tl.constexpr, BLOCK_M: tl.constexpr, ROW_BITS: tl.constexpr):
+    """int32 ``[CHUNK_S, BLOCK_M, 1]``: 1 where modality offs_m is in subset offs_s
+    (``[CHUNK_S]``) of ``row``, else 0 (0 past S and M). With ROW_BITS (BLOCK_M <= 32) each
+    thread reads whole rows as a bit set (:func:`subset_bits`), in the layout of the kernel's
+    ``[CHUNK_S, BLOCK_M, BLOCK_D]`` selections (pool, PoE), and takes one bit a flag;
+    otherwise through :func:`load_members`."""
+    if ROW_BITS:
+        bits = subset_bits(mask_ptr, row, offs_s[:, None, None], S, M, stride_kb, stride_ks,
+                           stride_km, MASK_ROW, BLOCK_M)
+        return (bits >> offs_m[None, :, None]) & 1
+    member = load_members(mask_ptr, row, offs_s, S, offs_m, M, stride_kb, stride_ks, stride_km,
+                          MASK_ROW, BLOCK_M)
+    return member.to(tl.int32)[:, :, None]
+
+
+@triton.jit
+def chunk_members(mask_ptr, row, offs_s, S, offs_m, M, stride_kb, stride_ks, stride_km,
+                  MASK_ROW: tl.constexpr, BLOCK_M: tl.constexpr, ROW_BITS: tl.constexpr):
+    """bool ``[CHUNK_S, BLOCK_M, 1]``: :func:`chunk_flags` as a selection mask."""
+    if ROW_BITS:
+        return chunk_flags(mask_ptr, row, offs_s, S, offs_m, M, stride_kb, stride_ks, stride_km,
+                           MASK_ROW, BLOCK_M, ROW_BITS) != 0
+    member = load_members(mask_ptr, row, offs_s, S, offs_m, M, stride_kb, stride_ks, stride_km,
+                          MASK_ROW, BLOCK_M)
+    return member[:, :, None]

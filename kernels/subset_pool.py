@@ -36,25 +36,10 @@ import triton
 import triton.language as tl
 
 from mmfast.backend import triton_interpreting
-from mmfast.kernels._common import acc_dtype, cdiv, next_power_of_2
+from mmfast.kernels._common import acc_dtype, cdiv, lane_rows, next_power_of_2
 from mmfast.kernels._launch import fast_launch
-from mmfast.kernels._masks import (load_members, mask_layout, mask_row, members_used,
-                                   subset_bits)
-
-
-@triton.jit
-def _chunk_members(mask_ptr, row, offs_s, S, offs_m, M, stride_kb, stride_ks, stride_km,
-                   MASK_ROW: tl.constexpr, BLOCK_M: tl.constexpr, ROW_BITS: tl.constexpr):
-    """bool ``[CHUNK_S, BLOCK_M, 1]``: modality offs_m in subset offs_s (``[CHUNK_S]``) of
-    ``row``. With ROW_BITS each thread reads whole rows as a bit set (:func:`subset_bits`),
-    in the layout of the ``[CHUNK_S, BLOCK_M, BLOCK_D]`` selections."""
-    if ROW_BITS:
-        bits = subset_bits(mask_ptr, row, offs_s[:, None, None], S, M, stride_kb, stride_ks,
-                           stride_km, MASK_ROW, BLOCK_M)
-        return ((bits >> offs_m[None, :, None]) & 1) != 0
-    member = load_members(mask_ptr, row, offs_s, S, offs_m, M, stride_kb, stride_ks, stride_km,
-                          MASK_ROW, BLOCK_M)
-    return member[:, :, None]
+from mmfast.kernels._masks import (USED_BYTES, chunk_members, mask_layout, mask_row,
+                                   members_used)
 
 
 @fast_launch
@@ -82,7 +67,7 @@ def _pool_forward_kernel(
 
     # Only the x rows of modalities some subset of this program holds are read.
     needed = members_used(mask_ptr, row, first, last, offs_m, M, stride_kb, stride_ks, stride_km,
-                          MASK_ROW, BLOCK_M, CHUNK_S)
+                          MASK_ROW, BLOCK_M, max(CHUNK_S, USED_BYTES // BLOCK_M))
     x_rows = (x_ptr + row * stride_xb + offs_m.to(tl.int64)[:, None] * stride_xm
               + offs_d.to(tl.int64)[None, :] * stride_xd)
     keep_x = needed[:, None] & valid_d[None, :]
@@ -110,7 +95,7 @@ def _pool_forward_kernel(
     for s0 in range(first, last, CHUNK_S):
         offs_s = s0 + chunk
         valid_s = offs_s < last
-        member = _chunk_members(mask_ptr, row, offs_s, last, offs_m, M, stride_kb, stride_ks,
+        member = chunk_members(mask_ptr, row, offs_s, last, offs_m, M, stride_kb, stride_ks,
                                 stride_km, MASK_ROW, BLOCK_M, ROW_BITS)
         # Select, never multiply by the mask: inf/NaN a row holds for another subset stays out.
         acc = tl.sum(tl.where(member, x, 0.0), axis=1)   # [CS, BD]
@@ -147,7 +132,7 @@ def _pool_backward_kernel(
     # A chunk of subsets at a time, always in the same order: the sum is deterministic.
     for s0 in range(0, S, CHUNK_S):
         offs_s = s0 + chunk
-        member = _chunk_members(mask_ptr, row, offs_s, S, offs_m, M, stride_kb, stride_ks,
+        member = chunk_members(mask_ptr, row, offs_s, S, offs_m, M, stride_kb, stride_ks,
                                 stride_km, MASK_ROW, BLOCK_M, ROW_BITS)       # [CS, BM, 1]
         grads = (grad_ptr + row * stride_gb + offs_s.to(tl.int64)[:, None] * stride_gs
                  + offs_d.to(tl.int64)[None, :] * stride_gd)
@@ -184,13 +169,6 @@ def _row_bits(M: int, block_m: int) -> bool:
     """ROW_BITS: the kernels read each subset's membership as a bit set and lay their tiles
     out with every modality in each thread's registers (one block of at most 16 modalities)."""
     return M <= block_m <= 16
-
-
-def _lane_rows(block_d: int, chunk_s: int, warps: int, itemsize: int) -> int:
-    """The forward's X_ROWS and the backward's ACC_ROWS: 1 when 16-byte vectors of the
-    features fill every lane and warp, else CHUNK_S (lanes or warps then run along the chunk's
-    subsets; see the kernels)."""
-    return 1 if block_d * itemsize >= 16 * 32 * warps else chunk_s
 
 
 def _gpu_blocks(S: int, block_m: int, D: int, itemsize: int) -> tuple[int, int, int]:
@@ -267,7 +245,7 @@ def launch_pool(x: torch.Tensor, mask: torch.Tensor,
         BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s,
         MASK_ROW=mask_row(mask_bytes, M, block_m, (skb, sks, skm)),
         ROW_BITS=row_bits,
-        X_ROWS=_lane_rows(block_d, chunk_s, warps, x.element_size()) if row_bits else 1,
+        X_ROWS=lane_rows(block_d, chunk_s, warps, x.element_size()) if row_bits else 1,
         num_warps=warps,
     )
     return out
@@ -309,7 +287,7 @@ def launch_pool_transpose(grad_out: torch.Tensor, mask: torch.Tensor, num_modali
         BLOCK_M=block_m, BLOCK_D=block_d, CHUNK_S=chunk_s,
         MASK_ROW=mask_row(mask_bytes, M, block_m, (skb, sks, skm)),
         ROW_BITS=row_bits,
-        ACC_ROWS=_lane_rows(block_d, chunk_s, warps, grad_out.element_size()) if row_bits else 1,
+        ACC_ROWS=lane_rows(block_d, chunk_s, warps, grad_out.element_size()) if row_bits else 1,
         num_warps=warps,
     )
     return out

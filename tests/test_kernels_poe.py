@@ -198,6 +198,24 @@ def test_extreme_logvars_stay_finite_and_exact(prior_kind, dtype):
     assert torch.isfinite(out_mu).all() and torch.isfinite(out_lv).all()
 
 
+def test_log_variance_precision_on_each_path(shift_path):
+    """A singleton subset whose expert lies 29 below the program's largest log-precision gives
+    back its own log-variance: to a few 1e-7 with a shift per subset (exact for the subset's
+    largest expert), and to about an ulp of 29 with the shared shift, which rounds
+    ``l_j - shift`` at that magnitude before the exp and takes ``log T`` of T ~ e^-29."""
+    B, M, d = 2, 2, 257
+    logvar = uniform(B, M, d, seed=331, low=-0.5, high=0.5, dtype=torch.float32)
+    logvar[:, 0] = -29.0                                      # precision e^29: the shift
+    bank = torch.tensor([[False, True], [True, True]], device=DEVICE).expand(B, 2, M)
+    mu = randn(B, M, d, seed=332, dtype=torch.float32)
+    with torch.no_grad(), mmfast.use_backend("triton"):
+        out_mu, out_lv = gaussian_poe(mu, logvar, bank, prior=False)
+    ulp_29 = 2.0 ** -19
+    atol = 4e-7 if shift_path == "per-subset shift" else 2 * ulp_29
+    torch.testing.assert_close(out_lv[:, 0].double(), logvar[:, 1].double(), rtol=0, atol=atol)
+    torch.testing.assert_close(out_mu[:, 0], mu[:, 1], rtol=1e-6, atol=1e-6)
+
+
 def test_shipped_range_picks_the_path(monkeypatch):
     """With the shipped threshold, a program whose log-precisions span less than it gives
     exactly the shared-shift path's bits, and one spanning more the per-subset path's."""
@@ -462,10 +480,11 @@ def test_gpu_tiles_sixty_four_modalities(gpu_tiles, prior_kind):
 
 
 def test_gpu_tiles_chunks_split_over_programs(gpu_tiles):
-    """M = 3, S = 20, d = 300: chunks of eight subsets, 128-wide feature blocks; the forward
-    and the backward split each row's three chunks over three programs, the last one partial.
-    The backward's partial sums are added in a fixed order: bitwise the same on a rerun."""
-    assert gpu_tiles._blocks(20, 3, 300)[:3] == (4, 128, 8)
+    """M = 3, S = 20, d = 300: ROW_BITS tiles of two subsets a chunk, 512-wide feature blocks;
+    the forward splits each row's ten chunks over ten programs, the backward over five (two
+    chunks each), whose partial sums are added in a fixed order: bitwise the same on a rerun."""
+    assert gpu_tiles._blocks(20, 3, 300)[:3] == (4, 512, 2)
+    assert gpu_tiles._row_bits(3, 4, 4)
     mask = random_mask(2, 20, 3, seed=191)
     mask[1, 19] = True
     mu = randn(2, 3, 300, seed=192, dtype=torch.float32)
@@ -479,6 +498,69 @@ def test_gpu_tiles_chunks_split_over_programs(gpu_tiles):
     assert all(a.is_contiguous() and torch.equal(a, b) for a, b in zip(first, again))
     check(randn(3, 3, 300, seed=195), uniform(3, 3, 300, seed=196, low=-4, high=4),
           random_mask(3, 3, seed=197), "none", seed=198)
+
+
+# (M, d, S, dtype, prior, mask rows read as 32-bit words, lanes along the chunk's subsets)
+ROW_BITS_CASES = [
+    (8, 300, 17, torch.float32, "per_row", True, False),
+    (8, 64, 17, torch.float32, "standard", True, True),
+    (8, 20, 9, torch.float32, "none", True, True),
+    (4, 130, 1, torch.float32, "standard", True, False),
+    (4, 64, 15, torch.bfloat16, "per_row", True, True),
+    (3, 260, 7, torch.float16, "none", False, False),
+    (2, 3, 3, torch.float32, "shared", False, True),
+    (1, 5, 2, torch.float32, "standard", False, True),
+]
+
+
+@pytest.mark.parametrize("M,d,S,dtype,prior_kind,words,lanes_on_subsets", ROW_BITS_CASES)
+def test_gpu_tiles_register_layout(gpu_tiles, M, d, S, dtype, prior_kind, words,
+                                   lanes_on_subsets):
+    """The GPU tiles of the ROW_BITS kernels (M <= 8 in float32, M <= 4 in 16-bit types):
+    aligned rows of M = 4, 8 read as 32-bit words, other M byte by byte; few features put
+    lanes along the chunk's subsets (X_ROWS = CHUNK_S). Values and gradients against the brute
+    force on both shift paths; a NaN in a modality no subset of the row holds stays out of
+    every output and gradient, and a NaN upstream gradient of one subset reaches only the
+    gradients of that subset's members (and the prior's)."""
+    from mmfast.kernels import _common, _masks
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    block_m, block_d, chunk_s, warps = gpu_tiles._blocks(S, M, d, itemsize)
+    assert gpu_tiles._row_bits(M, block_m, itemsize)
+    assert (_common.lane_rows(block_d, chunk_s, warps, itemsize) > 1) == lanes_on_subsets
+    B = 3
+    bank = all_subsets_bank(M)[1:].flip(0)[:S]
+    mask = bank.expand(B, *bank.shape) if S > 1 else random_mask(B, M, seed=401) | (
+        torch.arange(M, device=DEVICE) == 0)
+    layout = _masks.mask_layout(mask)
+    mask_row = _masks.mask_row(layout[0], M, block_m, layout[2])
+    assert (mask_row >= 4 and mask_row == block_m) == words
+    mu = randn(B, M, d, seed=402, dtype=dtype)
+    logvar = uniform(B, M, d, seed=403, low=-5, high=5, dtype=dtype)
+    check(mu, logvar, mask, prior_kind, seed=404)
+    if M == 1:
+        return                                 # no modality is left out of a subset
+    unused = mask.clone()
+    unused[..., M - 1] = False
+    unused[..., 0] = True
+    mu_nan, logvar_nan = mu.clone(), logvar.clone()
+    mu_nan[:, M - 1] = float("nan")
+    logvar_nan[:, M - 1] = float("nan")
+    g = randn(*unused.shape[:-1], d, seed=405, dtype=dtype)
+    g_nan = g.clone()
+    g_nan.view(-1, d)[0] = float("nan")       # row 0's first subset (its only one when S = 1)
+    with torch.no_grad():
+        out = gpu_tiles.gaussian_poe_forward(mu_nan, logvar_nan, unused, None, None)
+        want = brute_poe(mu.to(F64), logvar.to(F64), unused, None)
+        rtol, atol = TOL[dtype]
+        for o, w in zip(out, want):
+            torch.testing.assert_close(o.to(F64), w, rtol=rtol, atol=atol * 8)
+        grads = gpu_tiles.gaussian_poe_backward(g_nan, g, mu_nan, logvar_nan, unused, None,
+                                                None, *out)
+    first = as_bank(unused)[0, 0]
+    for grad in grads[:2]:
+        assert torch.isnan(grad[0, first]).all()
+        assert not torch.isnan(grad[0, ~first]).any() and not torch.isnan(grad[1:]).any()
+
 
 # --- GPU only -------------------------------------------------------------------------------
 

@@ -298,7 +298,7 @@ def test_gpu_tiles_read_membership_rows_as_bits(gpu_tiles, M, D, S, dtype, words
     itemsize = torch.empty((), dtype=dtype).element_size()
     block_m, block_d, chunk_s, warps = gpu_tiles._backward_blocks(S, M, D, itemsize)
     assert gpu_tiles._row_bits(M, block_m)
-    assert (gpu_tiles._lane_rows(block_d, chunk_s, warps, itemsize) > 1) == lanes_on_subsets
+    assert (gpu_tiles.lane_rows(block_d, chunk_s, warps, itemsize) > 1) == lanes_on_subsets
     B = 3
     mask = (all_subsets_bank(M)[1:].flip(0)[:S] if M <= 8 else random_mask(S, M, seed=160)
             ).expand(B, S, M)
