@@ -157,6 +157,53 @@ def _shared_shift(mu, neg_logvar, needed, prior_l, valid_d, max_range, first, la
 
 
 @triton.jit
+def _load_experts(mu_ptr, lv_ptr, mask_ptr, pmu_ptr, plv_ptr, row, first, last, offs_m, offs_d,
+                  valid_d, M, max_range, stride_mb, stride_mm, stride_md, stride_vb, stride_vm,
+                  stride_vd, stride_kb, stride_ks, stride_km, stride_pb, stride_pd, stride_qb,
+                  stride_qd, HAS_PRIOR: tl.constexpr, SHARED_SHIFT: tl.constexpr,
+                  ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                  CHUNK_S: tl.constexpr, MASK_ROW: tl.constexpr, ROW_BITS: tl.constexpr,
+                  X_ROWS: tl.constexpr):
+    """The experts a program needs for subsets ``[first, last)`` of ``row`` and its shift:
+    which rows it read (``[BLOCK_M]`` bool: only those of modalities some of those subsets
+    hold, so a missing modality's, possibly NaN, never are), mu and -logvar
+    ``[X_ROWS, BLOCK_M, BLOCK_D]``, the prior's mean and log-precision ``[BLOCK_D]``, and
+    :func:`_shared_shift`'s shift, narrow and split."""
+    needed = members_used(mask_ptr, row, first, last, offs_m, M, stride_kb, stride_ks, stride_km,
+                          MASK_ROW, BLOCK_M, max(CHUNK_S, USED_BYTES // BLOCK_M))
+    mu = _load_rows(mu_ptr, row, offs_m, offs_d, needed, valid_d, stride_mb, stride_mm,
+                    stride_md, ACC_DTYPE, ROW_BITS, X_ROWS)
+    neg_logvar = -_load_rows(lv_ptr, row, offs_m, offs_d, needed, valid_d, stride_vb, stride_vm,
+                             stride_vd, ACC_DTYPE, ROW_BITS, X_ROWS)
+    prior_mu, prior_l = _load_prior(pmu_ptr, plv_ptr, row, offs_d, valid_d, stride_pb, stride_pd,
+                                    stride_qb, stride_qd, HAS_PRIOR, ACC_DTYPE, BLOCK_D)
+    shift, narrow, split = _shared_shift(mu, neg_logvar, needed, prior_l, valid_d, max_range,
+                                         first, last, HAS_PRIOR, SHARED_SHIFT)
+    return needed, mu, neg_logvar, prior_mu, prior_l, shift, narrow, split
+
+
+@triton.jit
+def _per_subset_chunk(mu_ptr, lv_ptr, mask_ptr, row, offs_s, last, offs_m, offs_d, needed,
+                      valid_d, M, prior_mu, prior_l, stride_mb, stride_mm, stride_md, stride_vb,
+                      stride_vm, stride_vd, stride_kb, stride_ks, stride_km,
+                      HAS_PRIOR: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+                      MASK_ROW: tl.constexpr, ROW_BITS: tl.constexpr, X_ROWS: tl.constexpr):
+    """A chunk of the per-subset path: its membership ``[CS, BM, 1]``, the means
+    ``[X_ROWS, BM, BD]`` and :func:`_subset_product`'s pieces. The experts are read again (from
+    cache) rather than held in registers through the shared-shift loops, which need only their
+    exps."""
+    member = chunk_members(mask_ptr, row, offs_s, last, offs_m, M, stride_kb, stride_ks,
+                           stride_km, MASK_ROW, BLOCK_M, ROW_BITS)
+    mu = _load_rows(mu_ptr, row, offs_m, offs_d, needed, valid_d, stride_mb, stride_mm,
+                    stride_md, ACC_DTYPE, ROW_BITS, X_ROWS)
+    neg_logvar = -_load_rows(lv_ptr, row, offs_m, offs_d, needed, valid_d, stride_vb, stride_vm,
+                             stride_vd, ACC_DTYPE, ROW_BITS, X_ROWS)
+    e, e_prior, total, top, out_mu = _subset_product(member, mu, neg_logvar, prior_mu, prior_l,
+                                                     HAS_PRIOR)
+    return member, mu, e, e_prior, total, top, out_mu
+
+
+@triton.jit
 def _shared_exps(neg_logvar, needed, prior_l, shift, HAS_PRIOR: tl.constexpr):
     """``e_j = exp(l_j - shift)`` ``[X_ROWS, BLOCK_M, BLOCK_D]`` (0 for rows not read) and the
     prior's ``[X_ROWS, BLOCK_D]`` (0 without a prior): computed once, not once per subset."""
@@ -253,18 +300,11 @@ def _poe_forward_kernel(
     chunk = tl.arange(0, CHUNK_S)
     valid_d = offs_d < D
 
-    # Only the rows of modalities some subset of this program holds are read (a missing
-    # modality's, possibly NaN, never are).
-    needed = members_used(mask_ptr, row, first, last, offs_m, M, stride_kb, stride_ks, stride_km,
-                          MASK_ROW, BLOCK_M, max(CHUNK_S, USED_BYTES // BLOCK_M))
-    mu = _load_rows(mu_ptr, row, offs_m, offs_d, needed, valid_d, stride_mb, stride_mm,
-                    stride_md, ACC_DTYPE, ROW_BITS, X_ROWS)
-    neg_logvar = -_load_rows(lv_ptr, row, offs_m, offs_d, needed, valid_d, stride_vb, stride_vm,
-                             stride_vd, ACC_DTYPE, ROW_BITS, X_ROWS)
-    prior_mu, prior_l = _load_prior(pmu_ptr, plv_ptr, row, offs_d, valid_d, stride_pb, stride_pd,
-                                    stride_qb, stride_qd, HAS_PRIOR, ACC_DTYPE, BLOCK_D)
-    shift, narrow, split = _shared_shift(mu, neg_logvar, needed, prior_l, valid_d, max_range,
-                                         first, last, HAS_PRIOR, SHARED_SHIFT)
+    needed, mu, neg_logvar, prior_mu, prior_l, shift, narrow, split = _load_experts(
+        mu_ptr, lv_ptr, mask_ptr, pmu_ptr, plv_ptr, row, first, last, offs_m, offs_d, valid_d, M,
+        max_range, stride_mb, stride_mm, stride_md, stride_vb, stride_vm, stride_vd, stride_kb,
+        stride_ks, stride_km, stride_pb, stride_pd, stride_qb, stride_qd, HAS_PRIOR,
+        SHARED_SHIFT, ACC_DTYPE, BLOCK_M, BLOCK_D, CHUNK_S, MASK_ROW, ROW_BITS, X_ROWS)
     # Shared shift: one exp per expert and feature for all subsets; a subset costs its sums
     # over members, plus one log per feature for its log-variance.
     e, e_prior = _shared_exps(neg_logvar, needed, prior_l, shift, HAS_PRIOR)
@@ -283,18 +323,14 @@ def _poe_forward_kernel(
         out_lv = tl.where(nonempty, -(shift + tl.log(safe_total)), 0.0)
         _store_outputs(out_mu_ptr, out_lv_ptr, row, offs_s, offs_d, last, valid_d,
                        weighted / safe_total, out_lv, stride_ob, stride_os)
-    # Per-subset shift. The experts are read again (from cache) rather than held in registers
-    # through the shared-shift loop, which needs only their exps.
+    # Per-subset shift.
     for s0 in range(split, last, CHUNK_S):
         offs_s = s0 + chunk
-        member = chunk_members(mask_ptr, row, offs_s, last, offs_m, M, stride_kb, stride_ks,
-                               stride_km, MASK_ROW, BLOCK_M, ROW_BITS)
-        mu_s = _load_rows(mu_ptr, row, offs_m, offs_d, needed, valid_d, stride_mb, stride_mm,
-                          stride_md, ACC_DTYPE, ROW_BITS, X_ROWS)
-        neg_logvar_s = -_load_rows(lv_ptr, row, offs_m, offs_d, needed, valid_d, stride_vb,
-                                   stride_vm, stride_vd, ACC_DTYPE, ROW_BITS, X_ROWS)
-        e_s, e_prior_s, total, top, out_mu = _subset_product(member, mu_s, neg_logvar_s,
-                                                             prior_mu, prior_l, HAS_PRIOR)
+        member, mu_s, e_s, e_prior_s, total, top, out_mu = _per_subset_chunk(
+            mu_ptr, lv_ptr, mask_ptr, row, offs_s, last, offs_m, offs_d, needed, valid_d, M,
+            prior_mu, prior_l, stride_mb, stride_mm, stride_md, stride_vb, stride_vm, stride_vd,
+            stride_kb, stride_ks, stride_km, HAS_PRIOR, ACC_DTYPE, BLOCK_M, MASK_ROW, ROW_BITS,
+            X_ROWS)
         out_lv = tl.where(total != 0, -(top + tl.log(tl.where(total != 0, total, 1.0))), 0.0)
         _store_outputs(out_mu_ptr, out_lv_ptr, row, offs_s, offs_d, last, valid_d, out_mu,
                        out_lv, stride_ob, stride_os)
@@ -357,17 +393,12 @@ def _poe_backward_kernel(
     valid_d = offs_d < D
     valid_m = offs_m < M
 
-    needed = members_used(mask_ptr, row, first, last, offs_m, M, stride_kb, stride_ks, stride_km,
-                          MASK_ROW, BLOCK_M, max(CHUNK_S, USED_BYTES // BLOCK_M))
-    mu = _load_rows(mu_ptr, row, offs_m, offs_d, needed, valid_d, stride_mb, stride_mm,
-                    stride_md, ACC_DTYPE, ROW_BITS, X_ROWS)
-    neg_logvar = -_load_rows(lv_ptr, row, offs_m, offs_d, needed, valid_d, stride_vb, stride_vm,
-                             stride_vd, ACC_DTYPE, ROW_BITS, X_ROWS)
-    prior_mu, prior_l = _load_prior(pmu_ptr, plv_ptr, row, offs_d, valid_d, stride_pb, stride_pd,
-                                    stride_qb, stride_qd, HAS_PRIOR, ACC_DTYPE, BLOCK_D)
+    needed, mu, neg_logvar, prior_mu, prior_l, shift, narrow, split = _load_experts(
+        mu_ptr, lv_ptr, mask_ptr, pmu_ptr, plv_ptr, row, first, last, offs_m, offs_d, valid_d, M,
+        max_range, stride_mb, stride_mm, stride_md, stride_vb, stride_vm, stride_vd, stride_kb,
+        stride_ks, stride_km, stride_pb, stride_pd, stride_qb, stride_qd, HAS_PRIOR,
+        SHARED_SHIFT, ACC_DTYPE, BLOCK_M, BLOCK_D, CHUNK_S, MASK_ROW, ROW_BITS, X_ROWS)
     # The program's subsets, a chunk at a time, always in the same order: deterministic.
-    shift, narrow, split = _shared_shift(mu, neg_logvar, needed, prior_l, valid_d, max_range,
-                                         first, last, HAS_PRIOR, SHARED_SHIFT)
     # Index-times-stride products in 64 bits: a latent-dim-first gradient has stride B*S on d.
     d64 = offs_d.to(tl.int64)[None, :]
 
@@ -414,18 +445,14 @@ def _poe_backward_kernel(
             prior_b += tl.sum(_over_chunk(b, X_ROWS), axis=1)
 
     # Per-subset shift, accumulating dmu, dlogvar, dprior_mu and dprior_logvar themselves in
-    # acc_a, acc_b, prior_a and prior_b (only one of the two loops runs: registers are scarce,
-    # so the experts are read again, from cache, rather than held through the first loop).
+    # acc_a, acc_b, prior_a and prior_b (only one of the two loops runs).
     for s0 in range(split, last, CHUNK_S):
         offs_s = s0 + chunk
-        member = chunk_members(mask_ptr, row, offs_s, last, offs_m, M, stride_kb, stride_ks,
-                               stride_km, MASK_ROW, BLOCK_M, ROW_BITS)
-        mu_s = _load_rows(mu_ptr, row, offs_m, offs_d, needed, valid_d, stride_mb, stride_mm,
-                          stride_md, ACC_DTYPE, ROW_BITS, X_ROWS)
-        neg_logvar_s = -_load_rows(lv_ptr, row, offs_m, offs_d, needed, valid_d, stride_vb,
-                                   stride_vm, stride_vd, ACC_DTYPE, ROW_BITS, X_ROWS)
-        e_s, e_prior_s, total, top, out_mu = _subset_product(member, mu_s, neg_logvar_s,
-                                                             prior_mu, prior_l, HAS_PRIOR)
+        member, mu_s, e_s, e_prior_s, total, top, out_mu = _per_subset_chunk(
+            mu_ptr, lv_ptr, mask_ptr, row, offs_s, last, offs_m, offs_d, needed, valid_d, M,
+            prior_mu, prior_l, stride_mb, stride_mm, stride_md, stride_vb, stride_vm, stride_vd,
+            stride_kb, stride_ks, stride_km, HAS_PRIOR, ACC_DTYPE, BLOCK_M, MASK_ROW, ROW_BITS,
+            X_ROWS)
         inv_total = _inverse_or_zero(total)
         g_mu, g_lv = _load_grads(gmu_ptr, glv_ptr, row, offs_s, d64, last, valid_d,
                                  stride_gb, stride_gs, stride_gd, stride_hb, stride_hs,
