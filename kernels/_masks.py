@@ -65,7 +65,7 @@ def members_used(mask_ptr, row, first, last, offs_m, M, stride_kb, stride_ks, st
     ``first <= s < last`` of ``row`` holds, from ``[CHUNK_S, BLOCK_M]`` mask tiles. Only their
     rows of the features need be read (a missing modality's, possibly NaN, never are). The
     tiles are combined element-wise and reduced over the subsets once, after the loop; callers
-    whose own chunks are small pass a larger CHUNK_S here (a few hundred membership bytes a
+    whose own chunks are small pass a larger CHUNK_S here (USED_BYTES membership bytes a
     step), so that this pass costs little beside the kernel's own loop."""
     chunk = tl.arange(0, CHUNK_S)
     used = tl.zeros((CHUNK_S, BLOCK_M), dtype=tl.int32)

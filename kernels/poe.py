@@ -17,11 +17,14 @@ Two paths, chosen per program (one batch row, a block of features, some subsets)
   every subset (the weights are ratios, whatever the shift, and no ``e_j`` comes near
   underflow). The ``M·d`` exps are computed once instead of once per subset, and a subset
   costs sums over its members: ``S·M·d`` exps become ``M·d`` (forward and backward), plus one
-  log per subset and feature for ``log Λ = shift + log T`` in the forward. Every parameter
-  the program reads must be finite too: then ``e_j`` and ``e_j mu_j`` are, and a subset's sums
-  multiply them by its 0/1 membership (one fused multiply-add each). The price is precision:
-  ``l_j - shift`` is rounded at the magnitude of the span before its exp, so ``log Λ`` carries
-  an absolute error of about an ulp of the span (~1e-6 in float32 at the widest, 30).
+  log per subset and feature for ``log Λ = shift + log T`` in the forward. Every expert row
+  the program reads must be finite too, with means below 1e38: then ``e_j``, ``e_j mu_j`` and
+  ``e_j (mu_j - centre)`` are, and a subset's sums multiply them by its 0/1 membership (one
+  fused multiply-add each; the prior, in every subset, is added unselected). The price is
+  precision, deliberately: ``l_j - shift`` is rounded at the magnitude of the span before its
+  exp, so ``log Λ`` carries an absolute error of up to about an ulp of the span (~2e-6 in
+  float32 at the widest, 30; measured under the interpreter, ~5x the per-subset maximum's for
+  singleton subsets, ~1.6x in the worst case).
 - Per-subset shift: otherwise (a wider spread, an inf or NaN), each subset is shifted by its
   own maximum, as above, and members are selected, so a NaN reaches only the subsets (and the
   gradients of the members of the subsets) that hold it.
@@ -112,6 +115,12 @@ def _load_prior(pmu_ptr, plv_ptr, row, offs_d, valid_d, stride_pb, stride_pd, st
     return prior_mu, prior_l
 
 
+# Means the shared-shift path takes (see _shared_shift): mu_j - centre (|centre| <= max |mu|)
+# stays finite in float32, so 0/1 flags times e_j (mu_j - centre) cannot make 0 · inf = NaN in
+# subsets without j. Larger means take the per-subset path (float64 ones too: same result).
+MEAN_BOUND = tl.constexpr(1e38)
+
+
 @triton.jit
 def _shared_shift(mu, neg_logvar, needed, prior_l, valid_d, max_range, first, last,
                   HAS_PRIOR: tl.constexpr, SHARED_SHIFT: tl.constexpr):
@@ -139,7 +148,9 @@ def _shared_shift(mu, neg_logvar, needed, prior_l, valid_d, max_range, first, la
     inside = needed[None, :, None] & valid_d[None, None, :]
     top = tl.max(tl.where(inside, neg_logvar, float("-inf")), axis=1)
     low = tl.min(tl.where(inside, neg_logvar, float("inf")), axis=1)
-    finite = tl.where(inside, (tl.abs(neg_logvar) < float("inf")) & (tl.abs(mu) < float("inf")),
+    # Means below MEAN_BOUND: the backward's mu_j - centre must not overflow either (it
+    # multiplies the flags too).
+    finite = tl.where(inside, (tl.abs(neg_logvar) < float("inf")) & (tl.abs(mu) < MEAN_BOUND),
                       True)
     held = tl.sum(inside.to(tl.int32), axis=1) > 0
     if HAS_PRIOR:
@@ -316,10 +327,10 @@ def _poe_forward_kernel(
         total, weighted = _subset_sums(flags, e, e_mu, e_prior, prior_mu[None, :], HAS_PRIOR)
         nonempty = total != 0
         safe_total = tl.where(nonempty, total, 1.0)
-        # -log Λ = -(shift + log T). Its absolute error is about an ulp of the span of the
-        # program's log-precisions (each l_j - shift is rounded at that magnitude before its
-        # exp): ~1e-6 in float32 for the widest span the path takes, 30. A per-subset shift is
-        # exact for the subset's largest expert, at an exp per expert and subset.
+        # -log Λ = -(shift + log T). Its absolute error is up to about an ulp of the span of
+        # the program's log-precisions (each l_j - shift is rounded at that magnitude before
+        # its exp): ~2e-6 in float32 for the widest span the path takes, 30. A per-subset
+        # maximum is exact for the subset's largest expert, at 16 instructions an element.
         out_lv = tl.where(nonempty, -(shift + tl.log(safe_total)), 0.0)
         _store_outputs(out_mu_ptr, out_lv_ptr, row, offs_s, offs_d, last, valid_d,
                        weighted / safe_total, out_lv, stride_ob, stride_os)

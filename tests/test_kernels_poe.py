@@ -198,6 +198,24 @@ def test_extreme_logvars_stay_finite_and_exact(prior_kind, dtype):
     assert torch.isfinite(out_mu).all() and torch.isfinite(out_lv).all()
 
 
+def test_huge_finite_means_stay_in_their_subsets():
+    """Means near float32's largest value, each in its own subset: mu_j minus a centre of the
+    row would overflow, and a 0/1 flag times inf is NaN in the subsets without j. Every
+    gradient must be the exact one (singleton subsets: dmu = 1, dlogvar = 1 - 0 = 1)."""
+    mu = torch.tensor([[[3e38], [-3e38], [-3e38]]], dtype=torch.float32, device=DEVICE)
+    logvar = torch.zeros(1, 3, 1, dtype=torch.float32, device=DEVICE)
+    bank = torch.eye(3, dtype=torch.bool, device=DEVICE).expand(1, 3, 3)
+    mu.requires_grad_(True)
+    logvar.requires_grad_(True)
+    with mmfast.use_backend("triton"):
+        out_mu, out_lv = gaussian_poe(mu, logvar, bank, prior=False)
+        ones = torch.ones_like(out_mu)
+        d_mu, d_lv = torch.autograd.grad((out_mu, out_lv), (mu, logvar), (ones, ones))
+    torch.testing.assert_close(out_mu.detach(), mu.detach().transpose(1, 2).reshape(1, 3, 1))
+    torch.testing.assert_close(d_mu, torch.ones_like(d_mu))
+    torch.testing.assert_close(d_lv, torch.ones_like(d_lv))
+
+
 def test_log_variance_precision_on_each_path(shift_path):
     """A singleton subset whose expert lies 29 below the program's largest log-precision gives
     back its own log-variance: to a few 1e-7 with a shift per subset (exact for the subset's
