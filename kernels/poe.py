@@ -424,7 +424,6 @@ def _poe_backward_kernel(
         max_range, stride_mb, stride_mm, stride_md, stride_vb, stride_vm, stride_vd, stride_kb,
         stride_ks, stride_km, stride_pb, stride_pd, stride_qb, stride_qd, HAS_PRIOR,
         SHARED_SHIFT, ACC_DTYPE, BLOCK_M, BLOCK_D, CHUNK_S, MASK_ROW, ROW_BITS, X_ROWS)
-    # The program's subsets, a chunk at a time, always in the same order: deterministic.
     # Index-times-stride products in 64 bits: a latent-dim-first gradient has stride B*S on d.
     d64 = offs_d.to(tl.int64)[None, :]
 
@@ -450,6 +449,7 @@ def _poe_backward_kernel(
     acc_b = tl.zeros((X_ROWS, BLOCK_M, BLOCK_D), dtype=ACC_DTYPE)
     prior_a = tl.zeros((X_ROWS, BLOCK_D), dtype=ACC_DTYPE)
     prior_b = tl.zeros((X_ROWS, BLOCK_D), dtype=ACC_DTYPE)
+    # The program's subsets, a chunk at a time, always in the same order: deterministic.
     for s0 in range(first, split, CHUNK_S):
         offs_s = s0 + chunk
         flags = chunk_flags(mask_ptr, row, offs_s, last, offs_m, M, stride_kb, stride_ks,
