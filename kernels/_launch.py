@@ -24,6 +24,12 @@ compiled kernel without changing the arguments), while launch hooks are register
 such as proton read their metadata), and while the kernel has pre-run hooks. A kernel is not
 remembered when a tensor is passed by keyword or a constexpr positionally (no mmfast launch
 does either), and it is forgotten when Triton's own cache for the device is replaced.
+
+Every launch, on either path, passes :data:`COMPILE_OPTIONS`: the kernels are written, tested
+and counted (sm_90 instruction counts in their docstrings) with floating-point contraction
+(``a * b + c`` as one FMA), which Triton 3.9 enables by default with a warning that 3.10 will
+disable it. Pinning it keeps the compiled code the same across Triton versions whatever
+``TRITON_DEFAULT_FP_FUSION`` says; ``TRITON_FORCE_DISABLE_FP_FUSION=1`` still turns it off.
 """
 from __future__ import annotations
 
@@ -37,6 +43,10 @@ from triton.runtime.jit import JITFunction
 # Every distinct integer argument (a batch size, a stride) makes a key. Past this many keys per
 # kernel the oldest is dropped, so a workload of ever-changing shapes holds bounded memory.
 MAX_KEYS = 1024
+
+# Compile options of every mmfast launch (keyword arguments of ``kernel[grid](...)``; the
+# interpreter ignores them). A launch's own keyword arguments take precedence.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 
 def _triton_path_only() -> bool:
@@ -99,9 +109,11 @@ class FastLauncher:
         return f"FastLauncher({self.fn!r})"
 
     def __getitem__(self, grid) -> Callable[..., None]:
-        if (not self._fast or callable(grid) or self.fn.pre_run_hooks
-                or _triton_path_only()):
+        if not self._fast:
             return self.fn[grid]
+        if callable(grid) or self.fn.pre_run_hooks or _triton_path_only():
+            launch = self.fn[grid]
+            return lambda *args, **kwargs: launch(*args, **{**COMPILE_OPTIONS, **kwargs})
         return lambda *args, **kwargs: self._launch(grid, args, kwargs)
 
     def _launch(self, grid: Sequence[int], args: tuple, kwargs: dict) -> None:
@@ -120,7 +132,9 @@ class FastLauncher:
                            kernel.packed_metadata, None, None, None, *bound)
                 return
             del self._known[key]          # Triton's cache was replaced: ask it again
-        self._remember(key, self.fn[grid](*args, **kwargs), args, kwargs, device)
+        # The options join the call here, not the key: a remembered launch skips the merge.
+        self._remember(key, self.fn[grid](*args, **{**COMPILE_OPTIONS, **kwargs}), args, kwargs,
+                       device)
 
     def _remember(self, key: tuple, kernel: Any, args: tuple, kwargs: dict, device: int) -> None:
         """Keep the kernel Triton launched for ``key``, with the names of the parameters the

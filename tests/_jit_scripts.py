@@ -15,11 +15,11 @@ PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 needs_ptxas = pytest.mark.skipif(not PTXAS.exists(), reason="this Triton build has no bundled ptxas")
 
 
-def run_jit_script(*args, timeout: int = 600, cwd: Path | None = None
-                   ) -> subprocess.CompletedProcess:
-    """``python *args`` with TRITON_INTERPRET unset (and FP fusion pinned on, Triton 3.9's
-    current default, which otherwise warns); output captured as text."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
+def run_jit_script(*args, timeout: int = 600, cwd: Path | None = None,
+                   env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    """``python *args`` with TRITON_INTERPRET unset and the variables of ``env`` set (unset
+    where None); output captured as text."""
+    env = {k: v for k, v in {**os.environ, "TRITON_INTERPRET": None, **(env or {})}.items()
+           if v is not None}
     return subprocess.run([sys.executable, *map(str, args)], env=env, capture_output=True,
                           text=True, timeout=timeout, cwd=cwd)
