@@ -34,6 +34,8 @@ from triton.compiler.compiler import CompiledKernel  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+from _occupancy import blocks_per_sm  # noqa: E402
+
 try:
     import mmfast  # noqa: F401,E402  (the installed package, when there is one)
 except ImportError:
@@ -198,7 +200,8 @@ def _cases(dtypes=tuple(DTYPES.values())):
 
 
 def _resources(kernel) -> str:
-    """Registers, spill stores and shared memory per thread block, as cuobjdump reads the cubin."""
+    """Registers, spill stores and shared memory per thread block, as cuobjdump reads the cubin,
+    and the blocks (warps) an sm_90 SM can hold with them (:func:`_occupancy.blocks_per_sm`)."""
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -209,8 +212,10 @@ def _resources(kernel) -> str:
     if usage is None:
         return "resources unknown"
     reg, stack, shared, local = usage.groups()
-    return (f"regs {reg:>3}  stack {stack:>5}  smem {int(shared) + kernel.metadata.shared:>6}  "
-            f"warps {kernel.metadata.num_warps}  {_variant(kernel)}")
+    smem, warps = int(shared) + kernel.metadata.shared, kernel.metadata.num_warps
+    blocks = blocks_per_sm(int(reg), smem, warps)
+    return (f"regs {reg:>3}  stack {stack:>5}  smem {smem:>6}  warps {warps}  "
+            f"blocks/SM {blocks:>2} ({blocks * warps:>2} warps)  {_variant(kernel)}")
 
 
 def _variant(kernel) -> str:
