@@ -94,9 +94,17 @@ def poe_cases(small: bool):
     out_mu, out_lv = poe.gaussian_poe_forward(mu, lv, mask, None, None)
     # The shipped tiles are (8, 512, 1, 4) both ways (ROW_BITS: one 16-byte vector of features
     # a thread, one subset a chunk). Alternatives: two subsets a chunk, fewer features a
-    # program (fewer warps), and lanes along the subsets (128 features, 1 or 4 warps).
+    # program (fewer warps), and lanes along the subsets (128 features, 1 or 4 warps). Every
+    # one keeps all 8 modalities' features in each thread: at this shape the backward takes 255
+    # registers, 2 blocks of 4 warps an SM (sm_90, Triton 3.6 and 3.9). Triton's default layout
+    # (ROW_BITS off) with one subset a chunk takes 122 (4 blocks) and the forward 56 (Triton
+    # 3.6; benchmarks/results/cpu_static/): more instructions an element, twice the warps to
+    # keep loads in flight. The last is the tiling shipped before the register tiles.
+    default_layout = {"_row_bits": False}
     configs = [None, (8, 512, 2, 4), (8, 256, 1, 2), (8, 256, 2, 2), (8, 128, 1, 1),
-               (8, 128, 4, 4)]
+               (8, 128, 4, 4), {**default_layout, "_blocks": (8, 128, 1, 4)},
+               {**default_layout, "_blocks": (8, 64, 1, 2)},
+               {**default_layout, "_blocks": (8, 128, 4, 4)}]
     shape = "bank B=%d M=%d S=%d d=%d" % (B, M, mask.shape[1], D)
     yield ("gaussian_poe forward, " + shape, "_blocks (BLOCK_M, BLOCK_D, CHUNK_S, warps)", poe,
            "_blocks", configs, lambda: poe.gaussian_poe_forward(mu, lv, mask, None, None))
@@ -138,14 +146,23 @@ def _as_setting(shipped, config):
     return (lambda *args, c=config: c) if callable(shipped) else config
 
 
+def _apply(module, attr: str, config) -> dict:
+    """Set ``module.attr`` to ``config`` (a dict sets several attributes by name); returns the
+    attributes it replaced, to restore."""
+    settings = config if isinstance(config, dict) else {attr: config}
+    shipped = {name: getattr(module, name) for name in settings}
+    for name, value in settings.items():
+        setattr(module, name, _as_setting(shipped[name], value))
+    return shipped
+
+
 def sweep(names: list[str]) -> list[dict]:
     rows = []
     for name in names:
         for title, knob, module, attr, configs, call in CASES[name](small=DRY):
-            shipped = getattr(module, attr)
             reference = None
             for config in configs:
-                setattr(module, attr, _as_setting(shipped, config))
+                shipped = _apply(module, attr, config)
                 try:
                     t0 = time.perf_counter()
                     out = call()
@@ -159,7 +176,8 @@ def sweep(names: list[str]) -> list[dict]:
                     row = dict(case=title, knob=knob, config=str(config),
                                error=f"{type(error).__name__}: {error}"[:300])
                 finally:
-                    setattr(module, attr, shipped)
+                    for restored, value in shipped.items():
+                        setattr(module, restored, value)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return rows
