@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mmfast  # noqa: E402,F401  (registers mmfast.kernels)
 from conftest import device_seconds_per_call  # noqa: E402  (benchmarks/conftest.py)
-from mmfast.kernels import gaussian_terms, poe, subset_pool  # noqa: E402
+from mmfast.kernels import gaussian_terms, poe, subset_attention, subset_pool  # noqa: E402
 from mmfast.subsets import all_subsets  # noqa: E402
 
 DRY = "--dry-run" in sys.argv
@@ -113,6 +113,33 @@ def poe_cases(small: bool):
            lambda: poe.gaussian_poe_backward(gm, gv, mu, lv, mask, None, None, out_mu, out_lv))
 
 
+def attention_cases(small: bool):
+    # B = 1024 rather than the target's 4096: the bank's [B, 255, 8, 256] output and its float64
+    # copy for the comparison stay within the GPU's memory; each row costs the same.
+    B, M, E, H = (2, 4, 32, 2) if small else (1024, 8, 256, 4)
+    mask = _bank(B, M)
+    q, k, v = _randn(B, M, E), _randn(B, M, E), _randn(B, M, E)
+    scale = (E // H) ** -0.5
+    out, lse = subset_attention.subset_attention_forward(q, k, v, mask, H, scale)
+    g = _randn(*out.shape)
+    # small_blocks: (BLOCK_M, CHUNK_S, DI, DL, warps); shipped (8, 4, 4, 16, 4) forward and
+    # (8, 2, 4, 16, 4) backward at this shape. Compiled for sm_90, the backward's 2 subsets a
+    # chunk take 168 registers with Triton 3.6 (3 blocks of 4 warps an SM) but 255 and spills
+    # outside the loop with 3.9 (2 blocks); 1 subset a chunk takes 154-156 with either (3
+    # blocks), 4 take 227-255 (2); 2 features a thread over 8 warps, one query a warp, 105
+    # (Triton 3.6: 2 blocks of 8 warps, sums over queries through shared memory). The forward
+    # takes 64-96 registers at 1 to 4 subsets a chunk.
+    shape = "bank B=%d M=%d S=%d E=%d H=%d" % (B, M, mask.shape[1], E, H)
+    knob = "small_blocks (BLOCK_M, CHUNK_S, DI, DL, warps)"
+    yield ("subset_attention forward (small kernel), " + shape, knob, subset_attention,
+           "small_blocks", [None, (8, 1, 4, 16, 4), (8, 2, 4, 16, 4), (8, 8, 4, 16, 4)],
+           lambda: subset_attention.subset_attention_forward(q, k, v, mask, H, scale))
+    yield ("subset_attention backward (small kernel), " + shape, knob, subset_attention,
+           "small_blocks", [None, (8, 1, 4, 16, 4), (8, 4, 4, 16, 4), (8, 1, 2, 32, 8)],
+           lambda: subset_attention.subset_attention_backward(g, q, k, v, mask, out, lse, H,
+                                                              scale))
+
+
 def terms_cases(small: bool):
     B, K = (6, 5) if small else (4096, 64)
     for d in ((5,) if small else (20, 64)):
@@ -136,14 +163,15 @@ def terms_cases(small: bool):
                [None, 1, 2, 4, 16], both)
 
 
-CASES = {"pool": pool_cases, "poe": poe_cases, "terms": terms_cases}
+CASES = {"pool": pool_cases, "poe": poe_cases, "attention": attention_cases,
+         "terms": terms_cases}
 
 
 def _as_setting(shipped, config):
     """A block heuristic is replaced by a constant function, a constant by the value."""
     if config is None:
         return shipped
-    return (lambda *args, c=config: c) if callable(shipped) else config
+    return (lambda *args, _c=config, **kwargs: _c) if callable(shipped) else config
 
 
 def _apply(module, attr: str, config) -> dict:

@@ -17,7 +17,9 @@ def test_dry_run_every_configuration(tmp_path):
     rows = json.loads((tmp_path / "tune.json").read_text())
     cases = {r["case"].split(",")[0] for r in rows}
     assert cases == {"subset_pool backward", "subset_pool forward", "gaussian_poe forward",
-                     "gaussian_poe backward", "gaussian_terms forward+backward (4 kernels)"}
+                     "gaussian_poe backward", "subset_attention forward (small kernel)",
+                     "subset_attention backward (small kernel)",
+                     "gaussian_terms forward+backward (4 kernels)"}
     assert all("error" not in r and r["max_rel_diff"] < 1e-5 for r in rows), rows
     # Each sweep starts from the shipped heuristic and tries at least three others.
     for case in {r["case"] for r in rows}:
