@@ -18,13 +18,13 @@ Two paths, chosen per program (one batch row, a block of features, some subsets)
   underflow). The ``M·d`` exps are computed once instead of once per subset, and a subset
   costs sums over its members: ``S·M·d`` exps become ``M·d`` (forward and backward), plus one
   log per subset and feature for ``log Λ = shift + log T`` in the forward. Every expert row
-  the program reads must be finite too, with means below 1e38: then ``e_j``, ``e_j mu_j`` and
-  ``e_j (mu_j - centre)`` are, and a subset's sums multiply them by its 0/1 membership (one
-  fused multiply-add each; the prior, in every subset, is added unselected). The price is
-  precision, deliberately: ``l_j - shift`` is rounded at the magnitude of the span before its
-  exp, so ``log Λ`` carries an absolute error of up to about an ulp of the span (~2e-6 in
-  float32 at the widest, 30; measured under the interpreter, ~5x the per-subset maximum's for
-  singleton subsets, ~1.6x in the worst case).
+  the program reads must be finite too, with means (the prior's too) below 1e38: then
+  ``e_j``, ``e_j mu_j`` and ``e_j (mu_j - centre)`` are, and a subset's sums multiply them by
+  its 0/1 membership (one fused multiply-add each; the prior, in every subset, is added
+  unselected). The price is precision, deliberately: ``l_j - shift`` is rounded at the
+  magnitude of the span before its exp, so ``log Λ`` carries an absolute error of up to about
+  an ulp of the span (~2e-6 in float32 at the widest, 30; measured under the interpreter, ~5x
+  the per-subset maximum's for singleton subsets, ~1.6x in the worst case).
 - Per-subset shift: otherwise (a wider spread, an inf or NaN), each subset is shifted by its
   own maximum, as above, and members are selected, so a NaN reaches only the subsets (and the
   gradients of the members of the subsets) that hold it.
@@ -115,30 +115,32 @@ def _load_prior(pmu_ptr, plv_ptr, row, offs_d, valid_d, stride_pb, stride_pd, st
     return prior_mu, prior_l
 
 
-# Means the shared-shift path takes (see _shared_shift): mu_j - centre (|centre| <= max |mu|)
-# stays finite in float32, so 0/1 flags times e_j (mu_j - centre) cannot make 0 · inf = NaN in
-# subsets without j. Larger means take the per-subset path (float64 ones too: same result).
+# Means the shared-shift path takes (see _shared_shift), the prior's included, since the centre
+# weighs it too: mu_j - centre (|centre| <= max |mu|) stays finite in float32, so 0/1 flags
+# times e_j (mu_j - centre) cannot make 0 · inf = NaN in subsets without j. Larger means take
+# the per-subset path (float64 ones too: same result).
 MEAN_BOUND = tl.constexpr(1e38)
 
 
 @triton.jit
-def _shared_shift(mu, neg_logvar, needed, prior_l, valid_d, max_range, first, last,
+def _shared_shift(mu, neg_logvar, needed, prior_mu, prior_l, valid_d, max_range, first, last,
                   HAS_PRIOR: tl.constexpr, SHARED_SHIFT: tl.constexpr):
     """One shift per feature for all the program's subsets, whether it is safe, and so which
     path each of the subsets ``[first, last)`` takes.
 
     Args: mu, neg_logvar ``[X_ROWS, BLOCK_M, BLOCK_D]``; needed ``[BLOCK_M]`` (the rows read);
-    prior_l, valid_d ``[BLOCK_D]``.
+    prior_mu, prior_l, valid_d ``[BLOCK_D]``.
     Returns ``shift [X_ROWS, BLOCK_D]``, the largest log-precision of each column over the experts
     the program holds (0 for a column without any); ``narrow``, a scalar: whether in every
     column all of them lie within ``max_range`` of it and every mean and log-precision the
-    program read is finite; and ``split``: the shared-shift loop runs over ``[first, split)``,
-    the per-subset loop over ``[split, last)``. When narrow, ``e_j = exp(l_j - shift)`` lies in
-    ``[e^-max_range, 1]`` for every expert, far from underflow, and serves every subset (the
-    weights are ratios, whatever the shift); and ``e_j`` and ``e_j mu_j`` are finite, so that a
-    subset's sums may multiply them by its 0/1 membership (an inf or NaN would leak into the
-    subsets without j as 0 · inf = NaN). Programs with an infinite or NaN parameter take the
-    per-subset path, which selects, so a NaN reaches only the subsets that hold it.
+    program read is finite, the means (the prior's too) below MEAN_BOUND; and ``split``: the
+    shared-shift loop runs over ``[first, split)``, the per-subset loop over ``[split, last)``.
+    When narrow, ``e_j = exp(l_j - shift)`` lies in ``[e^-max_range, 1]`` for every expert, far
+    from underflow, and serves every subset (the weights are ratios, whatever the shift); and
+    ``e_j`` and ``e_j mu_j`` are finite, so that a subset's sums may multiply them by its 0/1
+    membership (an inf or NaN would leak into the subsets without j as 0 · inf = NaN). Programs
+    with an infinite or NaN parameter take the per-subset path, which selects, so a NaN reaches
+    only the subsets that hold it.
 
     The paths are two loops, one of which runs no iteration, rather than the branches of an
     ``if``: Triton 3.6 miscompiles (a dominance error in its layout pass) values that the two
@@ -157,6 +159,9 @@ def _shared_shift(mu, neg_logvar, needed, prior_l, valid_d, max_range, first, la
         top = tl.maximum(top, tl.where(valid_d, prior_l, float("-inf"))[None, :])
         low = tl.minimum(low, tl.where(valid_d, prior_l, float("inf"))[None, :])
         held = held | valid_d[None, :]
+        # The prior's mean is in every subset, so in the centre too: bounded like the experts'
+        # (a NaN or inf one fails the test as well; 0 beyond D).
+        finite = finite & (tl.abs(prior_mu) < MEAN_BOUND)[None, None, :]
     within = (top - low) <= max_range
     narrow = (tl.min(tl.min((within | ~held).to(tl.int32), axis=1), axis=0) > 0) & (
         tl.min(tl.min(tl.min(finite.to(tl.int32), axis=2), axis=1), axis=0) > 0)
@@ -188,8 +193,8 @@ def _load_experts(mu_ptr, lv_ptr, mask_ptr, pmu_ptr, plv_ptr, row, first, last, 
                              stride_vd, ACC_DTYPE, ROW_BITS, X_ROWS)
     prior_mu, prior_l = _load_prior(pmu_ptr, plv_ptr, row, offs_d, valid_d, stride_pb, stride_pd,
                                     stride_qb, stride_qd, HAS_PRIOR, ACC_DTYPE, BLOCK_D)
-    shift, narrow, split = _shared_shift(mu, neg_logvar, needed, prior_l, valid_d, max_range,
-                                         first, last, HAS_PRIOR, SHARED_SHIFT)
+    shift, narrow, split = _shared_shift(mu, neg_logvar, needed, prior_mu, prior_l, valid_d,
+                                         max_range, first, last, HAS_PRIOR, SHARED_SHIFT)
     return needed, mu, neg_logvar, prior_mu, prior_l, shift, narrow, split
 
 

@@ -216,6 +216,28 @@ def test_huge_finite_means_stay_in_their_subsets():
     torch.testing.assert_close(d_lv, torch.ones_like(d_lv))
 
 
+def test_huge_finite_prior_mean_stays_in_its_subsets():
+    """A prior mean beyond the experts' bound (MEAN_BOUND) puts the row's centre near float32's
+    largest value, and mu_j minus it overflows: on the shared-shift path a 0/1 flag times that
+    inf was NaN in the gradients of modalities sharing no subset with j. Modality 1 (mean 0,
+    alone with the prior in its subset) must get its exact gradients, whatever modality 0's
+    overflow does: dmu = λ_1 / Λ and dlogvar = λ_1 (out_mu - mu_1 + 1) / Λ, Λ = λ_1 + λ_p."""
+    mu = torch.tensor([[[-9e37], [0.0]]], dtype=torch.float32, device=DEVICE).requires_grad_(True)
+    logvar = torch.zeros(1, 2, 1, dtype=torch.float32, device=DEVICE).requires_grad_(True)
+    bank = torch.eye(2, dtype=torch.bool, device=DEVICE).expand(1, 2, 2)
+    prior = (torch.tensor([3e38], device=DEVICE), torch.tensor([-10.0], device=DEVICE))
+    with mmfast.use_backend("triton"):
+        out_mu, out_lv = gaussian_poe(mu, logvar, bank, prior=prior)
+        ones = torch.ones_like(out_mu)
+        d_mu, d_lv = torch.autograd.grad((out_mu, out_lv), (mu, logvar), (ones, ones))
+    total = 1.0 + math.exp(10.0)
+    exact_mu_1 = (total - 1.0) * 3e38 / total
+    assert torch.isfinite(out_mu).all() and torch.isfinite(out_lv).all()
+    got = [out_mu[0, 1, 0].item(), d_mu[0, 1, 0].item(), d_lv[0, 1, 0].item()]
+    assert got == pytest.approx([exact_mu_1, 1.0 / total, (exact_mu_1 + 1.0) / total], rel=1e-5)
+    assert not torch.isnan(d_mu).any() and not torch.isnan(d_lv).any()
+
+
 def test_log_variance_precision_on_each_path(shift_path):
     """A singleton subset whose expert lies 29 below the program's largest log-precision gives
     back its own log-variance: to a few 1e-7 with a shift per subset (exact for the subset's

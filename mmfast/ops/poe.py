@@ -100,7 +100,11 @@ def gaussian_poe(mu: Tensor, logvar: Tensor, mask: Tensor, prior=True) -> tuple[
 
     precision ``λ = Σ_{m∈S} exp(-logvar_m) (+ prior precision)``, mean
     ``(Σ_{m∈S} mu_m exp(-logvar_m) (+ prior term)) / λ``, logvar ``-log λ``; stable for logvar in
-    [-30, 30]. An empty subset gives the prior, or mu = 0, logvar = 0 without one.
+    [-30, 30]. An empty subset gives the prior, or mu = 0, logvar = 0 without one. The weighted
+    sum of the means is formed before the division, so means above the dtype's largest value
+    over the number of experts in a subset (~4e37 for 8 float32 experts) may overflow to inf.
+    A NaN or inf input reaches only the subsets (and the gradients of their members) that
+    hold it.
 
     Args:
         mu, logvar: ``[B, M, d]``.
