@@ -344,7 +344,7 @@ def _store_subset_grads(dmus_ptr, dlvs_ptr, dmu_s, dlv_s, rows, valid_rows, offs
 @triton.jit
 def _full_backward_kernel(
     gz_ptr, gqf_ptr, gqfs_ptr, muf_ptr, lvf_ptr, eps_ptr, mus_ptr, lvs_ptr,
-    dmuf_ptr, dlvf_ptr, deps_ptr, dmus_ptr, dlvs_ptr,
+    dmuf_ptr, dlvf_ptr, deps_ptr, dmus_ptr, dlvs_ptr, zsum_ptr,
     K, B, S, D,
     stride_zk, stride_zb, stride_zd, stride_qk, stride_qb, stride_hk, stride_hb, stride_hs,
     stride_fb, stride_fd, stride_gb, stride_gd, stride_ek, stride_eb, stride_ed,
@@ -359,8 +359,12 @@ def _full_backward_kernel(
     When the subsets fit one tile (ONE_CHUNK, the usual case), a single sweep over K does
     everything. Otherwise phase 1 sweeps the subsets a tile at a time (K inner), summing the
     subset-parameter gradients over K in registers and collecting log q(z|x_S)'s z-derivative,
-    summed over subsets, in ε's gradient buffer (this program's rows only); phase 2 turns the
-    total z-derivative into the full-posterior gradients.
+    summed over subsets, in ``zsum`` (``[K, B, D]`` in the accumulation dtype, this program's
+    rows only: rounding a running sum to a 16-bit ε gradient after every chunk lost precision,
+    and float16 partial sums overflowed); phase 2 turns the total z-derivative into the
+    full-posterior gradients. Phase 2 reads zsum and writes ε's gradient, never an address it
+    has read: with elements held by several threads, an overwrite could reach a thread that
+    had yet to read it.
     """
     lane_k, lane_b = _lanes(BLOCK_K, BLOCK_B)
     first = tl.program_id(0).to(tl.int64) * BLOCK_B
@@ -395,12 +399,12 @@ def _full_backward_kernel(
                     mu_f + sigma_f * eps, mu_s, prec_s, stride_hk, stride_hb, stride_hs, ACC)
                 dmu_s += d_mu
                 dlv_s += d_lv
-                here = deps_ptr + (offs_k * B + offs_b)[:, None] * D + offs_d[None, :]
-                before = tl.load(here, mask=valid_kd & (s0 > 0), other=0.0).to(ACC)
-                tl.store(here, (before + d_z).to(deps_ptr.dtype.element_ty), mask=valid_kd)
+                here = zsum_ptr + (offs_k * B + offs_b)[:, None] * D + offs_d[None, :]
+                before = tl.load(here, mask=valid_kd & (s0 > 0), other=0.0)
+                tl.store(here, before + d_z, mask=valid_kd)
             _store_subset_grads(dmus_ptr, dlvs_ptr, dmu_s, dlv_s, rows, valid_rows, offs_s, S,
                                 offs_d, D, BLOCK_K, BLOCK_B, BLOCK_S, BLOCK_D)
-        # Phase 2 reads back what phase 1 wrote to the same addresses.
+        # Phase 2 reads zsum, which other threads of the program wrote.
         tl.debug_barrier()
     if HAS_GQFS and ONE_CHUNK:
         offs_s = tl.arange(0, BLOCK_S).to(tl.int64)
@@ -417,7 +421,7 @@ def _full_backward_kernel(
         offs_k, valid_k, valid_kd, eps = _sample_block(
             eps_ptr, k0, lane_k, offs_b, valid_b, offs_d, valid_d, K, stride_ek,
             stride_eb, stride_ed, ACC)
-        here = deps_ptr + (offs_k * B + offs_b)[:, None] * D + offs_d[None, :]
+        tile_kb = (offs_k * B + offs_b)[:, None] * D + offs_d[None, :]
         dz = tl.zeros((BLOCK_K * BLOCK_B, BLOCK_D), dtype=ACC)
         if HAS_GQFS:
             if ONE_CHUNK:
@@ -428,7 +432,7 @@ def _full_backward_kernel(
                 dlv_s += d_lv
                 dz += d_z
             else:
-                dz += tl.load(here, mask=valid_kd, other=0.0).to(ACC)
+                dz += tl.load(zsum_ptr + tile_kb, mask=valid_kd, other=0.0)
         if HAS_GZ:
             dz += _load_tile(gz_ptr + (offs_k * stride_zk)[:, None], offs_b, offs_d, valid_kd,
                              stride_zb, stride_zd, ACC)
@@ -439,7 +443,7 @@ def _full_backward_kernel(
             if not STL:
                 dmu_f += tl.where(valid_kd, gq * eps / sigma_f, 0.0)
                 dlv_f += tl.where(valid_kd, gq * (0.5 * eps * eps - 0.5), 0.0)
-        tl.store(here, (dz * sigma_f).to(deps_ptr.dtype.element_ty), mask=valid_kd)
+        tl.store(deps_ptr + tile_kb, (dz * sigma_f).to(deps_ptr.dtype.element_ty), mask=valid_kd)
         # Lanes past K (or past B) add nothing, even where sigma overflowed.
         dmu_f += tl.where(valid_kd, dz, 0.0)
         dlv_f += tl.where(valid_kd, 0.5 * dz * sigma_f * eps, 0.0)
@@ -661,14 +665,18 @@ def gaussian_full_terms_backward(grad_z, grad_qf, grad_qfs, mu_f, logvar_f, eps_
     lvs, _ = _subset_view(logvar_s)
     gqfs = grad_qfs.reshape(K, B, S) if grad_qfs is not None else None
     block_k, block_b, block_s, block_d = _full_blocks(S, D, B, K)
+    one_chunk = S <= block_s
+    # The wide-bank path's running sum over subset chunks, in the accumulation dtype.
+    zsum = (eps_f.new_empty((K, B, D), dtype=torch_acc_dtype(eps_f.dtype))
+            if gqfs is not None and not one_chunk else dmuf)
     _full_backward_kernel[(cdiv(B, block_b),)](
         grad_z if grad_z is not None else eps_f, grad_qf if grad_qf is not None else eps_f,
         gqfs if gqfs is not None else eps_f, mu_f, logvar_f, eps_f, mus, lvs,
-        dmuf, dlvf, deps, dmus, dlvs, K, B, S, D,
+        dmuf, dlvf, deps, dmus, dlvs, zsum, K, B, S, D,
         *_strides_or_zero(grad_z, 3), *_strides_or_zero(grad_qf, 2), *_strides_or_zero(gqfs, 3),
         *mu_f.stride(), *logvar_f.stride(), *eps_f.stride(), *mus.stride(), *lvs.stride(),
         HAS_GZ=grad_z is not None, HAS_GQF=grad_qf is not None, HAS_GQFS=gqfs is not None,
-        STL=bool(stl), ONE_CHUNK=S <= block_s, ACC=acc_dtype(eps_f.dtype),
+        STL=bool(stl), ONE_CHUNK=one_chunk, ACC=acc_dtype(eps_f.dtype),
         BLOCK_K=block_k, BLOCK_B=block_b, BLOCK_S=block_s, BLOCK_D=block_d,
         num_warps=num_warps(block_k * block_b * block_s * block_d))
     return dmuf, dlvf, deps, dmus, dlvs

@@ -149,14 +149,16 @@ def _cases(dtypes=tuple(DTYPES.values())):
                 backward(ops.subset_attention(q, k, v, mask, num_heads=H))
             cases.append((f"attention {t} M={M} E={E} H={H} {masks}", attention))
 
-        for d, K, C in ((20, 1, 0), (64, 64, 0), (20, 4, 10), (64, 2, 64)):
-            def terms(d=d, K=K, C=C, dtype=dtype):
+        # S = 255 at d = 32 is wider than one tile of the full backward (its two-phase path).
+        for d, K, C, S in ((20, 1, 0, 3), (64, 64, 0, 3), (20, 4, 10, 3), (64, 2, 64, 3),
+                           (32, 2, 0, 255)):
+            def terms(d=d, K=K, C=C, S=S, dtype=dtype):
                 prior = None if C == 0 else (leaf(C, dtype=dtype), leaf(C, d, dtype=dtype),
                                               leaf(C, d, dtype=dtype))
                 for stl in (True, False):
-                    mu_s, lv_s = leaf(4, 3, d, dtype=dtype), leaf(4, 3, d, dtype=dtype)
+                    mu_s, lv_s = leaf(4, S, d, dtype=dtype), leaf(4, S, d, dtype=dtype)
                     mu_f, lv_f = leaf(4, d, dtype=dtype), leaf(4, d, dtype=dtype)
-                    out = ops.gaussian_terms((mu_s, lv_s), leaf(K, 4, 3, d, dtype=dtype),
+                    out = ops.gaussian_terms((mu_s, lv_s), leaf(K, 4, S, d, dtype=dtype),
                                              (mu_f, lv_f), leaf(K, 4, d, dtype=dtype),
                                              prior=prior, stl=stl)
                     backward(*out)
@@ -164,7 +166,7 @@ def _cases(dtypes=tuple(DTYPES.values())):
                     backward(ops.gaussian_log_prob(z, leaf(4, d, dtype=dtype), leaf(4, d, dtype=dtype)))
                     if prior is not None:
                         backward(ops.mixture_log_prob(z, *prior))
-            cases.append((f"gaussian terms+densities {t} d={d} K={K} C={C}", terms))
+            cases.append((f"gaussian terms+densities {t} d={d} K={K} C={C} S={S}", terms))
 
         def broadcast_densities(dtype=dtype):
             z = leaf(3, 4, 5, 20, dtype=dtype)                     # [K, B, S, d]

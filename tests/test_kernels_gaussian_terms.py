@@ -138,6 +138,32 @@ def test_wide_bank_spans_several_subset_chunks(small_tiles):
     compare(leaf, stl=True, seed=16)
 
 
+@pytest.mark.parametrize("chunk", [4, 2, 1])
+def test_wide_bank_running_sum_keeps_float32(monkeypatch, chunk):
+    """float16, z = 0, four confident subset posteriors whose z-derivatives (±6e4 each, summed
+    over the subsets) cancel in pairs: split into chunks, the running sum must not be rounded
+    to float16 between chunks (a partial sum of 1.2e5 overflowed to inf, and the full
+    posterior's gradients came out -inf and NaN where they are exactly 0)."""
+    monkeypatch.setattr(kernel, "_full_blocks", lambda S, D, B, K: (1, 1, chunk, 1))
+
+    def leaf(values):
+        return torch.tensor(values, dtype=torch.float16, device=DEVICE).requires_grad_(True)
+    mu_f, lv_f, eps_f = leaf([[0.0]]), leaf([[0.0]]), leaf([[[0.0]]])        # z = 0
+    mu_s = leaf([[[-0.05], [-0.05], [0.05], [0.05]]])                         # [1, 4, 1]
+    lv_s = leaf([[[-14.0]] * 4])
+    eps_s = leaf([[[[0.0]]] * 4]).reshape(1, 1, 4, 1)
+    with mmfast.use_backend("triton"):
+        out = gaussian_terms((mu_s, lv_s), eps_s, (mu_f, lv_f), eps_f, stl=True)
+        d_mu_f, d_lv_f, d_eps_f, d_mu_s = torch.autograd.grad(
+            out.log_q_full_given_s.sum(), (mu_f, lv_f, eps_f, mu_s))
+    for g in (d_mu_f, d_lv_f, d_eps_f):
+        assert g.item() == 0.0
+    expected = 0.05 * math.exp(14.0)      # (z - mu_s) e^{-logvar_s}, rounded to float16
+    torch.testing.assert_close(d_mu_s.flatten().double(),
+                               torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=F64) * expected,
+                               rtol=2e-3, atol=0)
+
+
 @pytest.mark.parametrize("stl", [True, False])
 @pytest.mark.parametrize("C", [None, 3])
 @pytest.mark.parametrize("subset_tiles,full_tiles", [
