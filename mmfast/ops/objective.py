@@ -78,21 +78,42 @@ class _BothTerms(torch.autograd.Function):
         ctx.save_for_backward(mu_s, logvar_s, eps_s, prior_logits, prior_mu, prior_logvar, mu_f,
                               logvar_f, eps_f)
         ctx.stl = stl
+        ctx.set_materialize_grads(False)      # absent cotangents stay None: see backward
         return _both_impls(mu_s, logvar_s, eps_s, prior_logits, prior_mu, prior_logvar, mu_f,
                            logvar_f, eps_f, stl)
 
     @staticmethod
-    def backward(ctx, grad_z_s, grad_q_s, grad_p_s, grad_z, grad_q_f, grad_q_fs):
+    def backward(ctx, *grads):
+        """Each op's part as its own node would run it. A part none of whose outputs received
+        a gradient is skipped: its inputs get None, as when its node never runs, rather than
+        zeros (an optimizer with momentum or weight decay treats the two differently). A part
+        that received one gets zeros for its other outputs' cotangents, as autograd makes them
+        for a custom op."""
         mu_s, logvar_s, eps_s, prior_logits, prior_mu, prior_logvar, mu_f, logvar_f, eps_f = (
             ctx.saved_tensors)
-        dmu_s, dlv_s, deps_s, *dprior = _subset_op.backward(
-            grad_z_s, grad_q_s, grad_p_s, mu_s, logvar_s, eps_s, prior_logits, prior_mu,
-            prior_logvar, ctx.stl)
-        dmu_f, dlv_f, deps_f, dmu_fs, dlv_fs = _full_op.backward(
-            grad_z, grad_q_f, grad_q_fs, mu_f, logvar_f, eps_f, mu_s, logvar_s, ctx.stl)
-        if prior_logits is None:
-            dprior = [None, None, None]
-        return (dmu_s + dmu_fs, dlv_s + dlv_fs, deps_s, *dprior, dmu_f, dlv_f, deps_f, None)
+        stl = ctx.stl
+        dmu_s = dlv_s = deps_s = dmu_f = dlv_f = deps_f = None
+        dprior = [None, None, None]
+        if any(g is not None for g in grads[:3]):
+            like = _subset_fake(mu_s, logvar_s, eps_s, prior_logits, prior_mu, prior_logvar, stl)
+            dmu_s, dlv_s, deps_s, *dprior_s = _subset_op.backward(
+                *_or_zeros(grads[:3], like), mu_s, logvar_s, eps_s, prior_logits, prior_mu,
+                prior_logvar, stl)
+            if prior_logits is not None:
+                dprior = dprior_s
+        if any(g is not None for g in grads[3:]):
+            like = _full_fake(mu_f, logvar_f, eps_f, mu_s, logvar_s, stl)
+            dmu_f, dlv_f, deps_f, dmu_fs, dlv_fs = _full_op.backward(
+                *_or_zeros(grads[3:], like), mu_f, logvar_f, eps_f, mu_s, logvar_s, stl)
+            # The subset part's contribution first, as the two nodes' accumulation adds them.
+            dmu_s = dmu_fs if dmu_s is None else dmu_s + dmu_fs
+            dlv_s = dlv_fs if dlv_s is None else dlv_s + dlv_fs
+        return (dmu_s, dlv_s, deps_s, *dprior, dmu_f, dlv_f, deps_f, None)
+
+
+def _or_zeros(grads, like) -> list[Tensor]:
+    """``grads`` with each None replaced by zeros shaped like the matching tensor of ``like``."""
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
 
 
 def _both(subset, full, mu_s, logvar_s, eps_s, pl, pmu, plv, mu_f, logvar_f, eps_f, stl):
