@@ -42,6 +42,9 @@ def _mixture_weights(pl_ptr, C, stride_pl, ACC: tl.constexpr, BLOCK_C: tl.conste
 
 @triton.jit
 def _logsumexp_rows(comp):
-    """``[R, C]`` -> ``[R]``: log Σ_c exp(comp), shifted by the row maximum."""
+    """``[R, C]`` -> ``[R]``: log Σ_c exp(comp), shifted by the row maximum (by 0 in a row of
+    −inf only, which then gives −inf, not −inf − (−inf) = NaN: a sample so far out that every
+    component's square overflowed)."""
     top = tl.max(comp, axis=1)
+    top = tl.where(top == float("-inf"), 0.0, top)
     return top + tl.log(tl.sum(tl.exp(comp - top[:, None]), axis=1))

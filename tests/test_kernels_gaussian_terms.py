@@ -208,6 +208,20 @@ def test_far_from_every_component():
     compare(leaf, stl=True, seed=22)
 
 
+def test_samples_beyond_every_component_give_minus_infinity():
+    """z = 2e19: (z − m)² overflows float32 for every component of the prior, as in the
+    reference; the log-sum-exp over them must give −inf like torch.logsumexp, not NaN (its
+    shift by a row maximum of −inf made −inf − (−inf)). Both kernels that use it."""
+    logits, mu, logvar = torch.zeros(4), torch.zeros(4, 3), torch.zeros(4, 3)
+    z = torch.full((1, 2, 3), 2e19, device=DEVICE)
+    prior = tuple(t.to(DEVICE) for t in (logits, mu, logvar))
+    with mmfast.use_backend("triton"):
+        log_p = mmfast.ops.mixture_log_prob(z, *prior)
+        terms = gaussian_terms((torch.zeros(2, 3, device=DEVICE),) * 2, z, prior=prior)
+    for got in (log_p, terms.log_p_s):
+        assert torch.equal(got, torch.full_like(got, float("-inf")))
+
+
 def test_non_contiguous_inputs():
     base = make(3, 4, None, 6, C=2, seed=23)
     leaf = dict(base)
