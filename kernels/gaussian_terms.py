@@ -19,7 +19,8 @@ Backward. Write ``∂z`` for the total derivative reaching a sample through ever
 
 (ρ the component responsibilities). Through ``z = mu + σ ε``: ``∂mu += ∂z``,
 ``∂logvar += ½ ∂z σ ε``, ``∂ε = ∂z σ``. Without stl, log q also keeps its parameter path:
-``∂mu += g_q ε/σ`` and ``∂logvar += g_q (ε² − 1)/2``; with stl (the default) it does not.
+``∂mu += g_q ε/σ`` and ``∂logvar += g_q (ε² − 1)/2``, which with the sample path's terms
+of log q sum to exactly 0 and ``−g_q/2`` (taken so); with stl (the default) it does not.
 The mixture parameters get ``∂logits_c = Σ g_p (ρ_c − π_c)``, ``∂m_cj = Σ g_p ρ_c (z_j − m_cj)
 e^{−λ_cj}`` and ``∂λ_cj = Σ g_p ρ_c ((z_j − m_cj)² e^{−λ_cj} − 1)/2``. ``log q(z|x_S)`` is never
 detached: ``∂mu_s += g (z − mu_s) e^{−logvar_s}``,
@@ -154,6 +155,23 @@ def _subset_forward_kernel(
             tl.store(p_ptr + out_row, log_p.to(p_ptr.dtype.element_ty), mask=valid_k)
 
 
+@triton.jit
+def _through_sample(dmu, dlv, dz, dz_all, gq, sigma, eps, valid, Q_PARAMETERS: tl.constexpr):
+    """``dmu``, ``dlv`` plus the gradients that reach a posterior's parameters through its
+    sample ``z = mu + σ ε``: ``∂mu += ∂z``, ``∂logvar += ½ ∂z σ ε`` where ``valid``. ``dz_all``
+    is the z-derivative with log q's term ``−g_q ε/σ``, ``dz`` without it. With Q_PARAMETERS
+    (log q keeps its parameter path: stl off), log q's total derivative along the sample is
+    exactly 0 for mu and −g_q/2 for logvar, taken as such: as the difference of its two paths'
+    terms of size ε/σ (3e6 at logvar = −30) it lost float32 precision."""
+    if Q_PARAMETERS:
+        dmu += tl.where(valid, dz, 0.0)
+        dlv += tl.where(valid, 0.5 * dz * sigma * eps - 0.5 * gq, 0.0)
+    else:
+        dmu += tl.where(valid, dz_all, 0.0)
+        dlv += tl.where(valid, 0.5 * dz_all * sigma * eps, 0.0)
+    return dmu, dlv
+
+
 @fast_launch
 @triton.jit
 def _subset_backward_kernel(
@@ -205,7 +223,6 @@ def _subset_backward_kernel(
             if HAS_GQ:
                 gq = tl.load(gq_ptr + offs_k * stride_qk + offs_r * stride_qr, mask=valid_k,
                              other=0.0).to(ACC)[:, None]
-                dz -= gq * eps / sigma
             if HAS_GP:
                 gp = tl.load(gp_ptr + offs_k * stride_pk + offs_r * stride_pr, mask=valid_k,
                              other=0.0).to(ACC)
@@ -220,15 +237,12 @@ def _subset_backward_kernel(
                     part_pl += tl.sum(share, axis=0) - weight * tl.sum(gp, axis=0)
                 else:
                     dz -= gp[:, None] * z
+            dz_all = dz - gq * eps / sigma if HAS_GQ else dz      # with log q's z-derivative
             tl.store(deps_ptr + (offs_k * R + offs_r)[:, None] * D + offs_d[None, :],
-                     (dz * sigma).to(deps_ptr.dtype.element_ty), mask=valid_kd)
+                     (dz_all * sigma).to(deps_ptr.dtype.element_ty), mask=valid_kd)
             # Lanes past K (or past the rows) add nothing, even where sigma overflowed.
-            dmu += tl.where(valid_kd, dz, 0.0)
-            dlv += tl.where(valid_kd, 0.5 * dz * sigma * eps, 0.0)
-            if HAS_GQ:
-                if not STL:
-                    dmu += tl.where(valid_kd, gq * eps / sigma, 0.0)
-                    dlv += tl.where(valid_kd, gq * (0.5 * eps * eps - 0.5), 0.0)
+            dmu, dlv = _through_sample(dmu, dlv, dz, dz_all, gq if HAS_GQ else dz, sigma, eps,
+                                       valid_kd, HAS_GQ and not STL)
         offs_row = first + r0 + tl.arange(0, BLOCK_R)
         valid_row = (offs_row < R) & (r0 + tl.arange(0, BLOCK_R) < rows_per_program)
         keep = valid_row[:, None] & valid_d[None, :]
@@ -439,14 +453,12 @@ def _full_backward_kernel(
         if HAS_GQF:
             gq = tl.load(gqf_ptr + offs_k * stride_qk + offs_b * stride_qb, mask=valid_k,
                          other=0.0).to(ACC)[:, None]
-            dz -= gq * eps / sigma_f
-            if not STL:
-                dmu_f += tl.where(valid_kd, gq * eps / sigma_f, 0.0)
-                dlv_f += tl.where(valid_kd, gq * (0.5 * eps * eps - 0.5), 0.0)
-        tl.store(deps_ptr + tile_kb, (dz * sigma_f).to(deps_ptr.dtype.element_ty), mask=valid_kd)
+        dz_all = dz - gq * eps / sigma_f if HAS_GQF else dz      # with log q's z-derivative
+        tl.store(deps_ptr + tile_kb, (dz_all * sigma_f).to(deps_ptr.dtype.element_ty),
+                 mask=valid_kd)
         # Lanes past K (or past B) add nothing, even where sigma overflowed.
-        dmu_f += tl.where(valid_kd, dz, 0.0)
-        dlv_f += tl.where(valid_kd, 0.5 * dz * sigma_f * eps, 0.0)
+        dmu_f, dlv_f = _through_sample(dmu_f, dlv_f, dz, dz_all, gq if HAS_GQF else dz, sigma_f,
+                                       eps, valid_kd, HAS_GQF and not STL)
     keep = valid_rows[:, None] & valid_d[None, :]
     tile = rows[:, None] * D + offs_d[None, :]
     tl.store(dmuf_ptr + tile, _sum_over_samples(dmu_f, BLOCK_K, BLOCK_B, BLOCK_D)

@@ -222,6 +222,31 @@ def test_samples_beyond_every_component_give_minus_infinity():
         assert torch.equal(got, torch.full_like(got, float("-inf")))
 
 
+def test_without_stl_log_q_parameter_paths_cancel_exactly():
+    """stl off, logvar = −30: log q's derivative along its sample (−g ε/σ, ~3e6 here) and along
+    its own parameters cancel to exactly 0 for mu and −g/2 for logvar. Summed as terms, float32
+    lost ~0.4 on gradients of ~4; the kernels take the sum as such. Loss: Σ g_z·z + Σ log q,
+    for the subset posterior and the full one (whose other outputs get no gradient)."""
+    gen = torch.Generator().manual_seed(0)
+    K, B, d = 8, 4, 3
+    mu, eps = torch.randn(B, d, generator=gen), torch.randn(K, B, d, generator=gen)
+    g_z = torch.rand(K, B, d, generator=gen)
+    exact_mu = g_z.double().sum(0)
+    exact_lv = (0.5 * g_z.double() * math.exp(-15.0) * eps.double()).sum(0) - 0.5 * K
+
+    def leaf(t):
+        return t.clone().to(DEVICE).requires_grad_(True)
+    mu_s, lv_s, eps_s = leaf(mu), leaf(torch.full((B, d), -30.0)), leaf(eps)
+    mu_f, lv_f, eps_f = leaf(mu), leaf(torch.full((B, d), -30.0)), leaf(eps)
+    with mmfast.use_backend("triton"):
+        out = gaussian_terms((mu_s, lv_s), eps_s, (mu_f, lv_f), eps_f, stl=False)
+        loss = ((g_z.to(DEVICE) * out.z_s).sum() + out.log_q_s.sum()
+                + (g_z.to(DEVICE) * out.z_full).sum() + out.log_q_full.sum())
+        grads = torch.autograd.grad(loss, (mu_s, lv_s, mu_f, lv_f))
+    for got, want in zip(grads, (exact_mu, exact_lv, exact_mu, exact_lv)):
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_non_contiguous_inputs():
     base = make(3, 4, None, 6, C=2, seed=23)
     leaf = dict(base)
