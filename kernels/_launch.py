@@ -49,6 +49,11 @@ MAX_KEYS = 1024
 COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 
+def with_options(kwargs: dict) -> dict:
+    """A launch's keyword arguments with :data:`COMPILE_OPTIONS` (its own take precedence)."""
+    return {**COMPILE_OPTIONS, **kwargs}
+
+
 def _triton_path_only() -> bool:
     """True while a launch must go through Triton: a launch hook is registered (Triton's hooks
     are chains, None in older versions), or a run-time compile setting is not its default."""
@@ -113,7 +118,7 @@ class FastLauncher:
             return self.fn[grid]
         if callable(grid) or self.fn.pre_run_hooks or _triton_path_only():
             launch = self.fn[grid]
-            return lambda *args, **kwargs: launch(*args, **{**COMPILE_OPTIONS, **kwargs})
+            return lambda *args, **kwargs: launch(*args, **with_options(kwargs))
         return lambda *args, **kwargs: self._launch(grid, args, kwargs)
 
     def _launch(self, grid: Sequence[int], args: tuple, kwargs: dict) -> None:
@@ -133,8 +138,7 @@ class FastLauncher:
                 return
             del self._known[key]          # Triton's cache was replaced: ask it again
         # The options join the call here, not the key: a remembered launch skips the merge.
-        self._remember(key, self.fn[grid](*args, **{**COMPILE_OPTIONS, **kwargs}), args, kwargs,
-                       device)
+        self._remember(key, self.fn[grid](*args, **with_options(kwargs)), args, kwargs, device)
 
     def _remember(self, key: tuple, kernel: Any, args: tuple, kwargs: dict, device: int) -> None:
         """Keep the kernel Triton launched for ``key``, with the names of the parameters the

@@ -15,8 +15,9 @@ functions), with the target-only driver of ``_compile_sm90.py``:
    same too: the fast path must never reuse a kernel Triton would not have used.
 2. **Launches.** Every op is compiled for sm_90 with its launchers replaced by recorders, and
    run three times, so its kernels are launched from the fast path. Each fast-path launch is
-   repeated through Triton's own path (with the launches' COMPILE_OPTIONS), and both must hand the launcher the same grid (one,
-   two and three dimensions), stream, kernel and arguments (launch metadata and hooks aside:
+   repeated through Triton's own path (with the launches' COMPILE_OPTIONS), and both must
+   hand the launcher the same grid (one, two and three dimensions), stream, kernel and
+   arguments (launch metadata and hooks aside:
    Triton's hook chains are empty, and the fast path passes None for them). While a launch
    hook or a pre-run hook is registered, or TRITON_DEBUG is on, launches must go through
    Triton.
@@ -176,7 +177,7 @@ def check_keys() -> tuple[int, list[str]]:
         by_key: dict[tuple, tuple] = {}
         for call, kw in calls:
             ours = _launch.launch_key(0, call, kw)
-            theirs = triton_key(launcher.fn, call, {**_launch.COMPILE_OPTIONS, **kw})
+            theirs = triton_key(launcher.fn, call, _launch.with_options(kw))
             if ours in by_key:
                 compared += 1
                 if by_key[ours] != theirs:
@@ -202,7 +203,7 @@ def check_launches() -> tuple[int, list[str]]:
         if not hit:
             return
         # Triton's own path, with the same arguments and the options every launch adds
-        self.fn[grid](*args, **{**_launch.COMPILE_OPTIONS, **kwargs})
+        self.fn[grid](*args, **_launch.with_options(kwargs))
         if len(recorded) != start + 2:
             failures.append(f"{self.__name__}: {len(recorded) - start} launches recorded, not 2")
             return

@@ -95,25 +95,28 @@ class _BothTerms(torch.autograd.Function):
         dmu_s = dlv_s = deps_s = dmu_f = dlv_f = deps_f = None
         dprior = [None, None, None]
         if any(g is not None for g in grads[:3]):
-            like = _subset_fake(mu_s, logvar_s, eps_s, prior_logits, prior_mu, prior_logvar, stl)
             dmu_s, dlv_s, deps_s, *dprior_s = _subset_op.backward(
-                *_or_zeros(grads[:3], like), mu_s, logvar_s, eps_s, prior_logits, prior_mu,
-                prior_logvar, stl)
+                *_or_zeros(grads[:3], _subset_fake, mu_s, logvar_s, eps_s, prior_logits,
+                           prior_mu, prior_logvar, stl),
+                mu_s, logvar_s, eps_s, prior_logits, prior_mu, prior_logvar, stl)
             if prior_logits is not None:
                 dprior = dprior_s
         if any(g is not None for g in grads[3:]):
-            like = _full_fake(mu_f, logvar_f, eps_f, mu_s, logvar_s, stl)
             dmu_f, dlv_f, deps_f, dmu_fs, dlv_fs = _full_op.backward(
-                *_or_zeros(grads[3:], like), mu_f, logvar_f, eps_f, mu_s, logvar_s, stl)
+                *_or_zeros(grads[3:], _full_fake, mu_f, logvar_f, eps_f, mu_s, logvar_s, stl),
+                mu_f, logvar_f, eps_f, mu_s, logvar_s, stl)
             # The subset part's contribution first, as the two nodes' accumulation adds them.
             dmu_s = dmu_fs if dmu_s is None else dmu_s + dmu_fs
             dlv_s = dlv_fs if dlv_s is None else dlv_s + dlv_fs
         return (dmu_s, dlv_s, deps_s, *dprior, dmu_f, dlv_f, deps_f, None)
 
 
-def _or_zeros(grads, like) -> list[Tensor]:
-    """``grads`` with each None replaced by zeros shaped like the matching tensor of ``like``."""
-    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
+def _or_zeros(grads, fake, *args) -> tuple:
+    """``grads`` with each None replaced by zeros shaped like the matching output of
+    ``fake(*args)`` (an op's fake implementation), which only runs when one is None."""
+    if all(g is not None for g in grads):
+        return grads
+    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, fake(*args)))
 
 
 def _both(subset, full, mu_s, logvar_s, eps_s, pl, pmu, plv, mu_f, logvar_f, eps_f, stl):
